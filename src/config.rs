@@ -1,0 +1,640 @@
+//! Configuration: the TOML file, layered with `TMDB_PROXY__SECTION__KEY` environment overrides,
+//! validated once into typed sections.
+//!
+//! This is the only module that reads files or the environment. It follows a
+//! `toml → Raw* (serde) → validated` pipeline: the `Raw*` structs mirror the file and reject unknown
+//! keys, and [`Config`] holds only states that make sense (non-zero counts, parsed addresses and
+//! durations), so the rest of the crate never re-checks them. Every error names the offending key and
+//! what a valid value looks like.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+/// Default client listener address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default upstream: TMDB's public API host.
+pub const DEFAULT_BASE_URL: &str = "https://api.themoviedb.org";
+/// Default time allowed to open a TCP connection and finish the TLS handshake upstream: 2 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time allowed for the upstream's response headers once the request is sent: 10 s.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on open upstream connections. TMDB's edge allows about 20 per client IP.
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: u32 = 20;
+/// Default time an idle pooled upstream connection is kept: 30 s.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default per-key ceiling, requests per second. TMDB's documented limit is 50/s.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 50;
+/// Default longest time a request may wait for a token in `queue` mode: 2 s.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Default safety margin added to the one-second window, covering scheduling and network jitter
+/// between the proxy's admission and the upstream's arrival clock: 50 ms.
+pub const DEFAULT_WINDOW_MARGIN: Duration = Duration::from_millis(50);
+/// Default period of the sweep that drops buckets of idle keys: 10 s.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Default time allowed for a client to send its request headers: 30 s.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on concurrent client connections.
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 10_000;
+/// Default grace period for in-flight requests at shutdown: 10 s.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log filter (overridden by `RUST_LOG` when that is set).
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Prefix of environment overrides: `TMDB_PROXY__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "TMDB_PROXY";
+
+/// Highest accepted `requests_per_second`; beyond this the proxy is the bottleneck anyway.
+const MAX_REQUESTS_PER_SECOND: u32 = 1_000_000;
+/// Longest accepted `max_wait`: a client holding a connection longer than this is better told 429.
+const MAX_MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest accepted window margin; larger margins cost more than 10% of the admitted rate.
+const MAX_WINDOW_MARGIN: Duration = Duration::from_millis(500);
+
+/// A configuration that failed to load or validate. The message names the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML (or an environment override) does not fit the schema.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value parsed but is not acceptable.
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+// === Raw (serde) side ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    limit: RawLimit,
+    keys: RawKeys,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    shutdown_timeout: Duration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            max_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    base_url: String,
+    ca_file: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Duration,
+    max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            base_url: DEFAULT_BASE_URL.to_owned(),
+            ca_file: String::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_connections: DEFAULT_UPSTREAM_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimit {
+    requests_per_second: u32,
+    mode: String,
+    #[serde(with = "humantime_serde")]
+    max_wait: Duration,
+    legacy_headers: bool,
+    #[serde(with = "humantime_serde")]
+    window_margin: Duration,
+    #[serde(with = "humantime_serde")]
+    sweep_interval: Duration,
+}
+
+impl Default for RawLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
+            mode: "queue".to_owned(),
+            max_wait: DEFAULT_MAX_WAIT,
+            legacy_headers: false,
+            window_margin: DEFAULT_WINDOW_MARGIN,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawKeys {
+    default_api_key: String,
+    default_api_key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+        }
+    }
+}
+
+// === Validated side ===
+
+/// The validated configuration. Each section goes to the module that owns it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub limit: LimitConfig,
+    pub keys: KeysConfig,
+    pub log: LogConfig,
+}
+
+/// The client-facing listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address the proxy accepts clients on.
+    pub listen: SocketAddr,
+    /// Concurrent client connections beyond this wait in the kernel's accept queue.
+    pub max_connections: NonZeroU32,
+    /// A client that has not sent its request headers within this is disconnected.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_timeout: Duration,
+}
+
+/// Where requests go, and how long they may take.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority of the upstream (`https://api.themoviedb.org`); never a path.
+    pub base_url: Uri,
+    /// An extra PEM trust root for the upstream's certificate, on top of the system and webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+    /// From sending the request to receiving response headers.
+    pub request_timeout: Duration,
+    /// The proxy never holds more upstream connections than this, idle ones included.
+    pub max_connections: NonZeroU32,
+    /// Idle pooled connections are closed after this.
+    pub idle_timeout: Duration,
+}
+
+/// How requests queue when a key is over its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    /// Wait (FIFO per key) for a token when it comes within `max_wait`; otherwise 429 at once.
+    Queue,
+    /// Answer 429 at once when no token is free.
+    Reject,
+}
+
+/// The per-key rate limit.
+#[derive(Debug, Clone)]
+pub struct LimitConfig {
+    /// Ceiling of arrivals per key in any one-second window, as seen by the upstream.
+    pub requests_per_second: NonZeroU32,
+    pub mode: LimitMode,
+    /// Longest wait for a token in `queue` mode (zero in `reject` mode).
+    pub max_wait: Duration,
+    /// Also send `X-RateLimit-Limit/Remaining/Reset`, for clients of TMDB's 2015-2019 API.
+    pub legacy_headers: bool,
+    /// Added to the one-second window so jitter between admission and arrival cannot bunch
+    /// requests at the upstream.
+    pub window_margin: Duration,
+    /// How often buckets of idle keys are dropped.
+    pub sweep_interval: Duration,
+}
+
+/// API keys the proxy holds itself.
+#[derive(Debug, Clone, Default)]
+pub struct KeysConfig {
+    /// Injected into requests that carry no key of their own.
+    pub default_api_key: Option<Secret>,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// A secret string whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it leaves the process for the upstream.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads `path`, applies the process environment's `TMDB_PROXY__*` overrides, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_with_env(&text, None)
+    }
+
+    /// Parses TOML text with no environment overrides (tests, `check`).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, Some(HashMap::new()))
+    }
+
+    /// Parses TOML text, then layers environment overrides: `env` when given (tests inject a map
+    /// instead of mutating the process environment), else the process environment.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let layered = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(env),
+            )
+            .build()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig = layered
+            .try_deserialize()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        Ok(Self {
+            server: validate_server(raw.server)?,
+            upstream: validate_upstream(raw.upstream)?,
+            limit: validate_limit(raw.limit)?,
+            keys: validate_keys(raw.keys)?,
+            log: validate_log(raw.log)?,
+        })
+    }
+}
+
+fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
+    let listen = raw.listen.trim().parse::<SocketAddr>().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!(
+                "`{}` is not an IP address with a port (expected e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")",
+                raw.listen
+            ),
+        )
+    })?;
+    Ok(ServerConfig {
+        listen,
+        max_connections: non_zero("server.max_connections", raw.max_connections)?,
+        header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
+        shutdown_timeout: raw.shutdown_timeout,
+    })
+}
+
+fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+    const KEY: &str = "upstream.base_url";
+    let uri: Uri = raw.base_url.trim().parse().map_err(|e| {
+        invalid(
+            KEY,
+            format!(
+                "`{}` is not a URL ({e}); expected e.g. \"https://api.themoviedb.org\"",
+                raw.base_url
+            ),
+        )
+    })?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(invalid(
+                KEY,
+                format!("`{}` must start with http:// or https://", raw.base_url),
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(KEY, format!("`{}` has no host", raw.base_url)));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid(
+            KEY,
+            format!(
+                "`{}` must be scheme and host only (the client's path, e.g. /3/movie/550, is appended)",
+                raw.base_url
+            ),
+        ));
+    }
+    let ca_file = match raw.ca_file.trim() {
+        "" => None,
+        path => {
+            let path = PathBuf::from(path);
+            if !path.is_file() {
+                return Err(invalid(
+                    "upstream.ca_file",
+                    format!("`{}` does not exist or is not a file", path.display()),
+                ));
+            }
+            Some(path)
+        }
+    };
+    Ok(UpstreamConfig {
+        base_url: uri,
+        ca_file,
+        connect_timeout: positive("upstream.connect_timeout", raw.connect_timeout)?,
+        request_timeout: positive("upstream.request_timeout", raw.request_timeout)?,
+        max_connections: non_zero("upstream.max_connections", raw.max_connections)?,
+        idle_timeout: positive("upstream.idle_timeout", raw.idle_timeout)?,
+    })
+}
+
+fn validate_limit(raw: RawLimit) -> Result<LimitConfig, ConfigError> {
+    let requests_per_second = non_zero("limit.requests_per_second", raw.requests_per_second)?;
+    if requests_per_second.get() > MAX_REQUESTS_PER_SECOND {
+        return Err(invalid(
+            "limit.requests_per_second",
+            format!("{} is above the supported maximum of {MAX_REQUESTS_PER_SECOND}", raw.requests_per_second),
+        ));
+    }
+    let mode = match raw.mode.trim().to_ascii_lowercase().as_str() {
+        "queue" => LimitMode::Queue,
+        "reject" => LimitMode::Reject,
+        other => {
+            return Err(invalid(
+                "limit.mode",
+                format!("`{other}` is not a mode; expected \"queue\" or \"reject\""),
+            ));
+        }
+    };
+    if raw.max_wait > MAX_MAX_WAIT {
+        return Err(invalid(
+            "limit.max_wait",
+            format!(
+                "{} is longer than the maximum of {}",
+                humantime::format_duration(raw.max_wait),
+                humantime::format_duration(MAX_MAX_WAIT)
+            ),
+        ));
+    }
+    if raw.window_margin > MAX_WINDOW_MARGIN {
+        return Err(invalid(
+            "limit.window_margin",
+            format!(
+                "{} is longer than the maximum of {}",
+                humantime::format_duration(raw.window_margin),
+                humantime::format_duration(MAX_WINDOW_MARGIN)
+            ),
+        ));
+    }
+    Ok(LimitConfig {
+        requests_per_second,
+        mode,
+        max_wait: match mode {
+            LimitMode::Queue => raw.max_wait,
+            LimitMode::Reject => Duration::ZERO,
+        },
+        legacy_headers: raw.legacy_headers,
+        window_margin: raw.window_margin,
+        sweep_interval: positive("limit.sweep_interval", raw.sweep_interval)?,
+    })
+}
+
+fn validate_keys(raw: RawKeys) -> Result<KeysConfig, ConfigError> {
+    let inline = raw.default_api_key.trim();
+    let file = raw.default_api_key_file.trim();
+    let key = match (inline.is_empty(), file.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(inline.to_owned()),
+        (true, false) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                invalid(
+                    "keys.default_api_key_file",
+                    format!("cannot read `{file}`: {e}"),
+                )
+            })?;
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(invalid(
+                    "keys.default_api_key_file",
+                    format!("`{file}` is empty"),
+                ));
+            }
+            Some(key.to_owned())
+        }
+        (false, false) => {
+            return Err(invalid(
+                "keys.default_api_key",
+                "set either default_api_key or default_api_key_file, not both",
+            ));
+        }
+    };
+    if let Some(key) = &key {
+        if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "keys.default_api_key",
+                "the key contains whitespace or control characters",
+            ));
+        }
+    }
+    Ok(KeysConfig {
+        default_api_key: key.map(Secret),
+    })
+}
+
+fn validate_log(raw: RawLog) -> Result<LogConfig, ConfigError> {
+    let level = raw.level.trim().to_owned();
+    if level.is_empty() {
+        return Err(invalid(
+            "log.level",
+            "empty; expected a level such as \"info\" or a filter such as \"tmdb_proxy=debug\"",
+        ));
+    }
+    Ok(LogConfig { level })
+}
+
+fn non_zero(key: &'static str, value: u32) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(value).ok_or_else(|| invalid(key, "must be at least 1"))
+}
+
+fn positive(key: &'static str, value: Duration) -> Result<Duration, ConfigError> {
+    if value.is_zero() {
+        Err(invalid(key, "must be longer than zero (e.g. \"2s\", \"250ms\")"))
+    } else {
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = Config::from_toml_str("").unwrap();
+        assert_eq!(cfg.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(cfg.upstream.base_url, DEFAULT_BASE_URL);
+        assert_eq!(cfg.limit.requests_per_second.get(), 50);
+        assert_eq!(cfg.limit.mode, LimitMode::Queue);
+        assert_eq!(cfg.limit.max_wait, Duration::from_secs(2));
+        assert_eq!(cfg.upstream.max_connections.get(), 20);
+        assert!(cfg.keys.default_api_key.is_none());
+    }
+
+    #[test]
+    fn durations_are_human_strings() {
+        let cfg = Config::from_toml_str(
+            "[upstream]\nconnect_timeout = \"250ms\"\nrequest_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.upstream.request_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let cfg = Config::from_toml_with_env(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n",
+            env(&[
+                ("TMDB_PROXY__SERVER__LISTEN", "127.0.0.1:9000"),
+                ("TMDB_PROXY__LIMIT__REQUESTS_PER_SECOND", "7"),
+                ("TMDB_PROXY__LIMIT__LEGACY_HEADERS", "true"),
+                ("TMDB_PROXY__KEYS__DEFAULT_API_KEY", "0123abc"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.server.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(cfg.limit.requests_per_second.get(), 7);
+        assert!(cfg.limit.legacy_headers);
+        assert_eq!(
+            cfg.keys.default_api_key.as_ref().map(Secret::expose),
+            Some("0123abc")
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str("[limit]\nrequests_per_secnd = 5\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("requests_per_secnd"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            ("[upstream]\nbase_url = \"ftp://x\"\n", "upstream.base_url"),
+            ("[upstream]\nbase_url = \"https://h/3/\"\n", "upstream.base_url"),
+            ("[limit]\nrequests_per_second = 0\n", "limit.requests_per_second"),
+            ("[limit]\nmode = \"drop\"\n", "limit.mode"),
+            ("[upstream]\nca_file = \"/nonexistent.pem\"\n", "upstream.ca_file"),
+            ("[upstream]\nconnect_timeout = \"0s\"\n", "upstream.connect_timeout"),
+        ];
+        for (toml, key) in cases {
+            let msg = Config::from_toml_str(toml).unwrap_err().to_string();
+            assert!(msg.contains(key), "{toml:?} gave {msg}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_its_key() {
+        let msg = Config::from_toml_str("[limit]\nmax_wait = \"two seconds\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("max_wait"), "{msg}");
+    }
+
+    #[test]
+    fn reject_mode_never_waits() {
+        let cfg = Config::from_toml_str("[limit]\nmode = \"reject\"\nmax_wait = \"5s\"\n").unwrap();
+        assert_eq!(cfg.limit.max_wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let cfg = Config::from_toml_with_env("", env(&[("TMDB_PROXY__KEYS__DEFAULT_API_KEY", "s3cr3t")]))
+            .unwrap();
+        assert!(!format!("{cfg:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,71 @@
+//! The table of buckets, one per key, in a `DashMap`.
+//!
+//! Every method takes what it needs and returns owned values: no `Ref`/`RefMut` ever leaves this
+//! module, so no caller can hold a shard lock across an `.await` (a known DashMap deadlock).
+
+use dashmap::DashMap;
+
+use super::bucket::{Bucket, Decision, Nanos, Quota};
+use super::key::Key;
+
+/// Buckets by key.
+#[derive(Debug, Default)]
+pub struct Store {
+    buckets: DashMap<Key, Bucket>,
+}
+
+impl Store {
+    /// Asks `key`'s bucket for a token at `now`, creating the bucket on first use.
+    pub fn check_at(&self, key: Key, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
+        self.buckets
+            .entry(key)
+            .or_default()
+            .acquire(now, quota, max_wait)
+    }
+
+    /// Returns an unused queued slot (see [`Bucket::release`]).
+    pub fn release(&self, key: Key, at: Nanos) {
+        if let Some(mut bucket) = self.buckets.get_mut(&key) {
+            bucket.release(at);
+        }
+    }
+
+    /// Drops buckets that have fully refilled by `now`; returns how many remain.
+    pub fn retain_recent(&self, now: Nanos, quota: Quota) -> usize {
+        self.buckets.retain(|_, bucket| !bucket.is_idle(now, quota));
+        self.buckets.len()
+    }
+
+    /// Buckets in the table.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Nanos = 1_000_000_000;
+
+    #[test]
+    fn keys_are_isolated_and_idle_ones_dropped() {
+        let store = Store::default();
+        let quota = Quota {
+            capacity: 1,
+            window: SEC,
+        };
+        let (a, b) = (Key::from_credential("a"), Key::from_credential("b"));
+        assert!(matches!(store.check_at(a, 0, quota, 0), Decision::Admit { .. }));
+        assert!(matches!(store.check_at(a, 1, quota, 0), Decision::Deny { .. }));
+        assert!(matches!(store.check_at(b, 1, quota, 0), Decision::Admit { .. }));
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.retain_recent(SEC, quota), 1);
+        assert_eq!(store.retain_recent(SEC + 1, quota), 0);
+    }
+}

@@ -1,0 +1,80 @@
+//! `tmdb-proxy`: parse arguments, load the config, serve until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tmdb_proxy::{Config, Proxy, server, telemetry};
+
+/// Exit code for an invalid configuration (EX_CONFIG would be 78; EX_USAGE-style 64 is what
+/// service managers commonly treat as "do not restart").
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when the listener cannot be bound or the proxy cannot start.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Rate-limiting reverse proxy for the TMDB API")]
+struct Args {
+    /// Path of the TOML configuration file.
+    #[arg(long, short, global = true, default_value = "config/tmdb-proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the configuration (file plus environment) and print it, keys redacted.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::load(&args.config) {
+        Ok(cfg) => cfg,
+        Err(error) => {
+            eprintln!("tmdb-proxy: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::Check) = args.command {
+        eprintln!("tmdb-proxy: {} is valid", args.config.display());
+        eprintln!("{cfg:#?}");
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(&cfg.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("tmdb-proxy: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    runtime.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> ExitCode {
+    let proxy = match Proxy::new(&cfg) {
+        Ok(proxy) => proxy,
+        Err(error) => {
+            tracing::error!(%error, "cannot build the proxy");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(listen = %cfg.server.listen, %error, "cannot bind the listener");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    tracing::info!(
+        listen = %cfg.server.listen,
+        upstream = %cfg.upstream.base_url,
+        requests_per_second = cfg.limit.requests_per_second.get(),
+        mode = ?cfg.limit.mode,
+        "tmdb-proxy listening"
+    );
+    server::run(listener, proxy, &cfg.server, server::shutdown::signal()).await;
+    ExitCode::SUCCESS
+}

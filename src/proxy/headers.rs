@@ -1,0 +1,135 @@
+//! Header names the proxy reads or writes, hop-by-hop stripping, and the rate-limit fields.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// IETF `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): the policy, stable per key.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// IETF `RateLimit`: what is left of the policy now.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// Legacy TMDB (2015-2019) `X-RateLimit-Limit`.
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// Legacy TMDB `X-RateLimit-Remaining`.
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// Legacy TMDB `X-RateLimit-Reset`: epoch second at which a token is next free.
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+/// `X-Forwarded-For`, appended with the client's address.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Non-standard but still sent by some clients; hop-by-hop like `Connection`.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1 (clients sleep on it; 0 makes them spin).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    ceil_secs(wait).max(1)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A key's limit state, as sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Time until a token is next free (zero while tokens remain).
+    pub reset_after: Duration,
+}
+
+/// Writes the rate-limit fields of a keyed response: the IETF pair always, the legacy
+/// `X-RateLimit-*` trio only when `legacy` is set.
+pub fn insert_rate_limit(headers: &mut HeaderMap, state: RateState, legacy: bool) {
+    let reset_secs = ceil_secs(state.reset_after);
+    let policy = format!("\"per-key\";q={};w=1", state.limit);
+    let current = format!("\"per-key\";r={};t={}", state.remaining, reset_secs);
+    if let Ok(v) = HeaderValue::from_str(&policy) {
+        headers.insert(RATELIMIT_POLICY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&current) {
+        headers.insert(RATELIMIT, v);
+    }
+    if legacy {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        // Rounded up: a floored reset lies in the past and makes clients spin.
+        let reset_epoch = ceil_secs(now + state.reset_after);
+        headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(state.limit));
+        headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(state.remaining));
+        headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset_epoch));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_standard_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1050)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn legacy_headers_only_when_asked() {
+        let state = RateState {
+            limit: 50,
+            remaining: 0,
+            reset_after: Duration::from_millis(300),
+        };
+        let mut h = HeaderMap::new();
+        insert_rate_limit(&mut h, state, false);
+        assert_eq!(h[RATELIMIT_POLICY], "\"per-key\";q=50;w=1");
+        assert_eq!(h[RATELIMIT], "\"per-key\";r=0;t=1");
+        assert!(!h.contains_key(X_RATELIMIT_REMAINING));
+        insert_rate_limit(&mut h, state, true);
+        assert_eq!(h[X_RATELIMIT_REMAINING], "0");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let reset: u64 = h[X_RATELIMIT_RESET].to_str().unwrap().parse().unwrap();
+        assert!(reset > now && reset <= now + 2, "{reset} vs {now}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The proxy: takes a client request, runs the phases in order, and always answers exactly once.
+//!
+//! [`Proxy::handle`] is infallible and callable without sockets; the server module only feeds it.
+
+pub mod body;
+pub mod headers;
+pub mod phases;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::Body;
+use tokio::time::Instant;
+
+use crate::config::{Config, LimitConfig, Secret};
+use crate::error::ProxyError;
+use crate::limiter::{Key, Limiter};
+use crate::upstream::{BoxError, BuildError, Upstream};
+pub use body::ProxyBody;
+use headers::RateState;
+
+/// The proxy, cheap to clone: every connection holds one.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    limiter: Arc<Limiter>,
+    upstream: Upstream,
+    upstream_base: Uri,
+    limit: LimitConfig,
+    default_key: Option<(Key, Secret)>,
+}
+
+/// What the request log line says about one request.
+struct Outcome {
+    key: Option<Key>,
+    limited: bool,
+    waited: Duration,
+    upstream_latency: Option<Duration>,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Builds the proxy and starts the idle-bucket sweeper. Must run inside a tokio runtime.
+    pub fn new(cfg: &Config) -> Result<Self, BuildError> {
+        let limiter = Arc::new(Limiter::new(&cfg.limit));
+        Limiter::spawn_sweeper(&limiter, cfg.limit.sweep_interval);
+        let upstream = Upstream::new(&cfg.upstream)?;
+        let default_key = cfg
+            .keys
+            .default_api_key
+            .as_ref()
+            .map(|secret| (Key::from_credential(secret.expose()), secret.clone()));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                limiter,
+                upstream_base: upstream.base().clone(),
+                upstream,
+                limit: cfg.limit.clone(),
+                default_key,
+            }),
+        })
+    }
+
+    /// The limiter, for inspection (tests, metrics).
+    pub fn limiter(&self) -> &Limiter {
+        &self.shared.limiter
+    }
+
+    /// Answers one client request. Never fails: every error becomes a TMDB status body.
+    pub async fn handle<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let mut outcome = Outcome {
+            key: None,
+            limited: false,
+            waited: Duration::ZERO,
+            upstream_latency: None,
+        };
+        let response = match self.process(req, client, &mut outcome).await {
+            Ok(response) => response,
+            Err((error, rate)) => {
+                let mut response = error.into_response();
+                if let Some(rate) = rate {
+                    headers::insert_rate_limit(response.headers_mut(), rate, self.shared.limit.legacy_headers);
+                }
+                if !matches!(error, ProxyError::RateLimited(_)) {
+                    tracing::warn!(%method, %path, error = %error, "request failed");
+                }
+                response
+            }
+        };
+        tracing::info!(
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            key = outcome.key.map(|k| k.fingerprint().to_string()).unwrap_or_default(),
+            limited = outcome.limited,
+            waited_ms = outcome.waited.as_millis() as u64,
+            upstream_ms = outcome.upstream_latency.map(|d| d.as_millis() as u64),
+            total_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn process<B>(
+        &self,
+        req: Request<B>,
+        client: SocketAddr,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ProxyBody>, (ProxyError, Option<RateState>)>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let shared = &*self.shared;
+        let (parts, body) = req.into_parts();
+        let default_key = shared.default_key.as_ref().map(|(key, _)| *key);
+        let identity = phases::request_filter(&parts, &shared.upstream_base, default_key)
+            .map_err(|e| (e, None))?;
+        outcome.key = Some(identity.key);
+
+        let admission = match shared.limiter.acquire(identity.key).await {
+            Ok(admission) => admission,
+            Err(rejection) => {
+                outcome.limited = true;
+                let rate = RateState {
+                    limit: rejection.limit,
+                    remaining: 0,
+                    reset_after: rejection.retry_after,
+                };
+                return Err((ProxyError::RateLimited(rejection), Some(rate)));
+            }
+        };
+        outcome.waited = admission.waited;
+        let rate = RateState {
+            limit: admission.limit,
+            remaining: admission.remaining,
+            reset_after: admission.reset_after,
+        };
+
+        let upstream_req = phases::upstream_request(
+            parts,
+            body,
+            identity,
+            &shared.upstream_base,
+            shared.default_key.as_ref().map(|(_, secret)| secret),
+            client.ip(),
+        )
+        .map_err(|e| (e, Some(rate)))?;
+        let sent = Instant::now();
+        let result = shared.upstream.send(upstream_req).await;
+        outcome.upstream_latency = Some(sent.elapsed());
+        let response = result.map_err(|e| (ProxyError::from(e), Some(rate)))?;
+        Ok(phases::response_filter(response, rate, shared.limit.legacy_headers))
+    }
+}

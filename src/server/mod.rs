@@ -1,0 +1,80 @@
+//! The client listener: accepts connections, serves HTTP/1.1 and HTTP/2 (h2c) on each, caps how
+//! many are open, and drains them on shutdown. Sockets and tasks only; no business logic.
+
+pub mod shutdown;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::config::ServerConfig;
+use crate::proxy::Proxy;
+
+/// Serves `proxy` on `listener` until `shutdown` completes, then stops accepting, lets in-flight
+/// requests finish for up to `shutdown_timeout`, and returns.
+pub async fn run(listener: TcpListener, proxy: Proxy, cfg: &ServerConfig, shutdown: impl Future<Output = ()>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let limit = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
+    let slots = Arc::new(Semaphore::new(limit));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        // Waiting for a slot before accepting leaves excess clients in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Per-connection errors (e.g. reset before accept, EMFILE) must not stop the
+                    // server; back off briefly so a full fd table does not spin the loop.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%peer, error = %error, "client connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    tracing::info!(grace = ?cfg.shutdown_timeout, "stopped accepting; draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = tokio::time::sleep(cfg.shutdown_timeout) => {
+            tracing::warn!("shutdown grace period elapsed; closing remaining connections");
+        }
+    }
+}
