@@ -29,6 +29,8 @@ pub struct Admission {
     pub reset_after: Duration,
     /// Time this request waited in the queue.
     pub waited: Duration,
+    /// When its token was stamped, on the limiter's clock.
+    at: Nanos,
 }
 
 /// A request refused because its key is over the limit.
@@ -51,6 +53,8 @@ pub struct Limiter {
     max_wait: Nanos,
     /// Origin of the limiter's nanosecond clock.
     epoch: Instant,
+    /// How far a token's stamp may lie before the moment its request is sent (half the margin).
+    tolerance: Nanos,
 }
 
 // === impl Limiter ===
@@ -67,6 +71,7 @@ impl Limiter {
             },
             max_wait: duration_nanos(cfg.max_wait),
             epoch: Instant::now(),
+            tolerance: duration_nanos(cfg.window_margin / 2),
         }
     }
 
@@ -76,10 +81,20 @@ impl Limiter {
 
     /// Takes a token for `key`, waiting in the key's FIFO queue when the token comes within
     /// `max_wait`. If the returned future is dropped while waiting (the client went away), the
-    /// queued slot is given back.
-    pub async fn acquire(&self, key: Key) -> Result<Admission, Rejection> {
-        let now = self.now();
-        match self.store.check_at(key, now, self.quota, self.max_wait) {
+    /// queued slot is given back; so is the token of a [`Ticket`] dropped before it was sent.
+    pub async fn acquire(&self, key: Key) -> Result<Ticket<'_>, Rejection> {
+        let admission = self.admit(key, self.now(), self.max_wait).await?;
+        Ok(Ticket {
+            limiter: self,
+            key,
+            admission,
+            armed: true,
+        })
+    }
+
+    /// Stamps a token at `now` (or at the first free slot within `max_wait`, waiting for it).
+    async fn admit(&self, key: Key, now: Nanos, max_wait: Nanos) -> Result<Admission, Rejection> {
+        match self.store.check_at(key, now, self.quota, max_wait) {
             Decision::Deny { count, next_free } => Err(Rejection {
                 limit: self.quota.capacity,
                 count,
@@ -105,6 +120,7 @@ impl Limiter {
                     remaining,
                     reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
                     waited: Duration::from_nanos(at - now),
+                    at,
                 })
             }
         }
@@ -137,6 +153,60 @@ impl Limiter {
                 }
             }
         })
+    }
+}
+
+/// A spent token whose request has not been sent yet.
+///
+/// Between taking a token and sending, a request may wait for an upstream connection. The
+/// guarantee is about arrivals upstream, so before sending, [`Ticket::confirm`] moves a stamp that
+/// has grown stale to the present. Dropping an unsent ticket gives its token back.
+#[derive(Debug)]
+pub struct Ticket<'a> {
+    limiter: &'a Limiter,
+    key: Key,
+    admission: Admission,
+    armed: bool,
+}
+
+impl Ticket<'_> {
+    /// The admission as it stands.
+    pub fn admission(&self) -> Admission {
+        self.admission
+    }
+
+    /// Called with a ready connection in hand, just before sending. A stamp older than the
+    /// tolerance (half the window margin) is replaced by one taken now, which may wait for a free
+    /// slot within what is left of `max_wait`, or be refused.
+    pub async fn confirm(mut self) -> Result<Self, Rejection> {
+        let limiter = self.limiter;
+        let now = limiter.now();
+        if now.saturating_sub(self.admission.at) <= limiter.tolerance {
+            return Ok(self);
+        }
+        limiter.store.release(self.key, self.admission.at);
+        self.armed = false;
+        let waited = self.admission.waited;
+        let budget = limiter.max_wait.saturating_sub(duration_nanos(waited));
+        let mut admission = limiter.admit(self.key, now, budget).await?;
+        admission.waited += waited;
+        self.admission = admission;
+        self.armed = true;
+        Ok(self)
+    }
+
+    /// The request went upstream: the token stays spent.
+    pub fn sent(mut self) -> Admission {
+        self.armed = false;
+        self.admission
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.limiter.store.release(self.key, self.admission.at);
+        }
     }
 }
 
@@ -180,7 +250,7 @@ mod tests {
         let l = limiter("[limit]\nrequests_per_second = 3\nmode = \"reject\"\n");
         let k = Key::from_credential("k");
         for remaining in [2, 1, 0] {
-            assert_eq!(l.acquire(k).await.unwrap().remaining, remaining);
+            assert_eq!(l.acquire(k).await.unwrap().sent().remaining, remaining);
         }
         let rejected = l.acquire(k).await.unwrap_err();
         assert_eq!(rejected.count, 4);
@@ -190,12 +260,41 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn unsent_ticket_gives_its_token_back() {
+        let l = limiter("[limit]\nrequests_per_second = 1\nmode = \"reject\"\n");
+        let k = Key::from_credential("k");
+        drop(l.acquire(k).await.unwrap());
+        l.acquire(k).await.unwrap().sent();
+        assert!(l.acquire(k).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_stamp_moves_to_the_moment_of_sending() {
+        let l = limiter("[limit]\nrequests_per_second = 2\nmax_wait = \"2s\"\n");
+        let k = Key::from_credential("k");
+        // Token stamped at 0, but the request waits 400 ms for a connection.
+        let slow = l.acquire(k).await.unwrap();
+        tokio::time::advance(Duration::from_millis(400)).await;
+        let slow = slow.confirm().await.unwrap().sent();
+        assert_eq!(slow.waited, Duration::ZERO);
+        // A fresh ticket within the tolerance keeps its stamp.
+        let quick = l.acquire(k).await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        quick.confirm().await.unwrap().sent();
+        // Both tokens were stamped at 400 ms, so the next one is free at 1.45 s, 1.04 s from now.
+        let start = Instant::now();
+        let third = l.acquire(k).await.unwrap().sent();
+        assert_eq!(start.elapsed(), Duration::from_millis(1040));
+        assert_eq!(third.waited, Duration::from_millis(1040));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn queued_request_waits_for_its_slot() {
         let l = limiter("[limit]\nrequests_per_second = 1\nmax_wait = \"2s\"\n");
         let k = Key::from_credential("k");
-        l.acquire(k).await.unwrap();
+        l.acquire(k).await.unwrap().sent();
         let start = Instant::now();
-        let admitted = l.acquire(k).await.unwrap();
+        let admitted = l.acquire(k).await.unwrap().sent();
         assert_eq!(admitted.waited, Duration::from_millis(1050));
         assert_eq!(start.elapsed(), Duration::from_millis(1050));
     }
@@ -204,12 +303,12 @@ mod tests {
     async fn abandoned_waiter_gives_its_slot_back() {
         let l = limiter("[limit]\nrequests_per_second = 1\nmax_wait = \"1500ms\"\n");
         let k = Key::from_credential("k");
-        l.acquire(k).await.unwrap();
+        l.acquire(k).await.unwrap().sent();
         // A waiter that gives up after 100 ms.
         let gave_up = tokio::time::timeout(Duration::from_millis(100), l.acquire(k)).await;
         assert!(gave_up.is_err());
         // Its slot (at 1.05 s) is free again, so this one fits within max_wait.
-        let admitted = l.acquire(k).await.unwrap();
+        let admitted = l.acquire(k).await.unwrap().sent();
         assert_eq!(admitted.waited, Duration::from_millis(950));
     }
 
@@ -218,7 +317,7 @@ mod tests {
         let l = limiter("[limit]\nrequests_per_second = 5\nsweep_interval = \"1s\"\n");
         let _sweeper = Limiter::spawn_sweeper(&l, Duration::from_secs(1));
         for i in 0..100 {
-            l.acquire(Key::from_credential(&format!("k{i}"))).await.unwrap();
+            l.acquire(Key::from_credential(&format!("k{i}"))).await.unwrap().sent();
         }
         assert_eq!(l.active_keys(), 100);
         tokio::time::sleep(Duration::from_millis(2100)).await;

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use crate::upstream::LeasedBody;
 
 /// A client response body.
 #[derive(Debug)]
@@ -15,7 +15,7 @@ pub enum ProxyBody {
     /// A body the proxy wrote (a TMDB status body); `None` once sent.
     Full(Option<Bytes>),
     /// The upstream's body, passed through frame by frame.
-    Upstream(Incoming),
+    Upstream(LeasedBody),
 }
 
 impl ProxyBody {
@@ -25,8 +25,8 @@ impl ProxyBody {
     }
 }
 
-impl From<Incoming> for ProxyBody {
-    fn from(body: Incoming) -> Self {
+impl From<LeasedBody> for ProxyBody {
+    fn from(body: LeasedBody) -> Self {
         Self::Upstream(body)
     }
 }

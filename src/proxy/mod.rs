@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, LimitConfig, Secret};
 use crate::error::ProxyError;
-use crate::limiter::{Key, Limiter};
+use crate::limiter::{Admission, Key, Limiter, Rejection};
 use crate::upstream::{BoxError, BuildError, Upstream};
 pub use body::ProxyBody;
 use headers::RateState;
@@ -133,24 +133,38 @@ impl Proxy {
             .map_err(|e| (e, None))?;
         outcome.key = Some(identity.key);
 
-        let admission = match shared.limiter.acquire(identity.key).await {
-            Ok(admission) => admission,
-            Err(rejection) => {
-                outcome.limited = true;
-                let rate = RateState {
-                    limit: rejection.limit,
-                    remaining: 0,
-                    reset_after: rejection.retry_after,
-                };
-                return Err((ProxyError::RateLimited(rejection), Some(rate)));
-            }
+        let rejected = |outcome: &mut Outcome, rejection: Rejection| {
+            outcome.limited = true;
+            let rate = RateState {
+                limit: rejection.limit,
+                remaining: 0,
+                reset_after: rejection.retry_after,
+            };
+            (ProxyError::RateLimited(rejection), Some(rate))
+        };
+        // Token first (queueing if need be), then a ready connection, then confirm the token's
+        // stamp: the stamp must be the moment the request leaves, not when it began to wait.
+        let ticket = match shared.limiter.acquire(identity.key).await {
+            Ok(ticket) => ticket,
+            Err(rejection) => return Err(rejected(outcome, rejection)),
+        };
+        let deadline = shared.upstream.deadline();
+        let admitted_rate = |a: Admission| RateState {
+            limit: a.limit,
+            remaining: a.remaining,
+            reset_after: a.reset_after,
+        };
+        let lease = shared
+            .upstream
+            .checkout(deadline)
+            .await
+            .map_err(|e| (ProxyError::from(e), Some(admitted_rate(ticket.admission()))))?;
+        let admission = match ticket.confirm().await {
+            Ok(ticket) => ticket.sent(),
+            Err(rejection) => return Err(rejected(outcome, rejection)),
         };
         outcome.waited = admission.waited;
-        let rate = RateState {
-            limit: admission.limit,
-            remaining: admission.remaining,
-            reset_after: admission.reset_after,
-        };
+        let rate = admitted_rate(admission);
 
         let upstream_req = phases::upstream_request(
             parts,
@@ -162,7 +176,7 @@ impl Proxy {
         )
         .map_err(|e| (e, Some(rate)))?;
         let sent = Instant::now();
-        let result = shared.upstream.send(upstream_req).await;
+        let result = shared.upstream.send(lease, upstream_req, deadline).await;
         outcome.upstream_latency = Some(sent.elapsed());
         let response = result.map_err(|e| (ProxyError::from(e), Some(rate)))?;
         Ok(phases::response_filter(response, rate, shared.limit.legacy_headers))

@@ -12,7 +12,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::headers::{RateState, X_FORWARDED_FOR, insert_rate_limit, strip_hop_by_hop};
@@ -20,7 +19,7 @@ use crate::config::Secret;
 use crate::error::ProxyError;
 use crate::limiter::{Identity, Key, Source, key};
 use crate::tmdb::API_KEY_PARAM;
-use crate::upstream::{BoxError, UpstreamBody};
+use crate::upstream::{BoxError, LeasedBody, UpstreamBody};
 
 /// Refuses what is never forwarded and identifies the request's key.
 pub fn request_filter(
@@ -117,7 +116,7 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client_ip: IpAddr) {
 /// Cleans the upstream response for the client and adds the key's rate-limit fields. The body
 /// streams through untouched (compressed bodies included).
 pub fn response_filter(
-    response: Response<Incoming>,
+    response: Response<LeasedBody>,
     rate: RateState,
     legacy_headers: bool,
 ) -> Response<ProxyBody> {

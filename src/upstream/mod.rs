@@ -1,10 +1,12 @@
-//! The upstream client: pooled keep-alive HTTP/1.1 connections to the configured base URL, over
+//! The upstream side: a pool of keep-alive HTTP/1.1 connections to the configured base URL, over
 //! rustls (ring provider) when it is `https`.
 //!
-//! This is the only module that builds a client or a TLS configuration. It knows nothing about
-//! limits or TMDB; it sends what the proxy hands it and says how that went.
+//! This is the only module that opens upstream connections or builds a TLS configuration. It knows
+//! nothing about limits or TMDB. The proxy first takes a ready connection ([`Upstream::checkout`]),
+//! then its rate token, then sends ([`Upstream::send`]), so a token is spent at the moment the
+//! request leaves.
 
-mod connector;
+mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,21 +14,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use tokio::time::Instant;
 
-pub use connector::ConnectTimedOut;
-use connector::CappedConnector;
+pub use pool::{LeasedBody, Lease};
+use pool::{Pool, chain};
 
 use crate::config::UpstreamConfig;
 
-/// The error type bodies and connectors are boxed into.
+/// The error type bodies are boxed into.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way upstream (the client's body, streamed).
@@ -55,10 +54,16 @@ pub enum UpstreamError {
     Failed(String),
 }
 
-/// The pooled upstream client.
+impl UpstreamError {
+    fn from_hyper(error: &hyper::Error) -> Self {
+        Self::Failed(chain(error))
+    }
+}
+
+/// The upstream: where requests go and the pool they go through.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<CappedConnector<HttpsConnector<HttpConnector>>, UpstreamBody>,
+    pool: Pool,
     base: Uri,
     request_timeout: Duration,
 }
@@ -79,14 +84,8 @@ impl Upstream {
             .enable_http1()
             .wrap_connector(http);
         let max = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
-        let connector = CappedConnector::new(https, max, cfg.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.idle_timeout)
-            .pool_max_idle_per_host(max)
-            .build(connector);
         Ok(Self {
-            client,
+            pool: Pool::new(https, cfg.base_url.clone(), max, cfg.connect_timeout, cfg.idle_timeout),
             base: cfg.base_url.clone(),
             request_timeout: cfg.request_timeout,
         })
@@ -97,35 +96,31 @@ impl Upstream {
         &self.base
     }
 
-    /// Sends `req` (whose URI must already point at [`Upstream::base`]) and waits for the response
-    /// headers; the body streams afterwards.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(&e)),
-        }
+    /// The deadline for a request's response headers, starting now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.request_timeout
     }
-}
 
-/// Names a client error by its cause, without echoing the request URI (it may carry a key).
-fn classify(error: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    let mut causes = Vec::new();
-    while let Some(e) = source {
-        if e.is::<ConnectTimedOut>() {
-            return UpstreamError::ConnectTimeout;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return UpstreamError::ConnectTimeout;
-            }
-        }
-        causes.push(e.to_string());
-        source = e.source();
+    /// A ready connection, waiting for a free one (or a new one) until `deadline`.
+    pub async fn checkout(&self, deadline: Instant) -> Result<Lease, UpstreamError> {
+        tokio::time::timeout_at(deadline, self.pool.checkout())
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
     }
-    causes.dedup();
-    UpstreamError::Failed(causes.join(": "))
+
+    /// Sends `req` (whose URI already points at [`Upstream::base`]) on `lease` and waits for the
+    /// response headers until `deadline`; the body streams afterwards and releases the connection
+    /// when it ends.
+    pub async fn send(
+        &self,
+        lease: Lease,
+        req: Request<UpstreamBody>,
+        deadline: Instant,
+    ) -> Result<Response<LeasedBody>, UpstreamError> {
+        tokio::time::timeout_at(deadline, lease.send(req))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
+    }
 }
 
 /// rustls with the ring provider, trusting webpki roots, the system's roots, and `ca_file`.

@@ -1,0 +1,335 @@
+//! The upstream connection pool: HTTP/1.1 keep-alive connections, at most `max_connections` open.
+//!
+//! Written here rather than taken from hyper-util's client because the rate guarantee needs two
+//! things that pool does not give: a hard cap on open connections (TMDB's edge allows about 20 per
+//! client IP; hyper-util opens a new connection whenever no idle one is ready), and a connection
+//! that is *ready before* the request takes its rate token, so the time a token is stamped is the
+//! time the request goes on the wire, not the time it starts waiting for a connection or a TLS
+//! handshake.
+//!
+//! Invariant: a [`Lease`] holds one of `max_connections` permits; only a lease creates a
+//! connection, and only when no idle one is usable, so busy + idle connections never exceed the cap.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::{UpstreamBody, UpstreamError};
+
+/// How long a pooled connection may take to become ready again after its last response.
+const READY_WAIT: Duration = Duration::from_millis(250);
+
+type Sender = SendRequest<UpstreamBody>;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+pub(super) struct Inner {
+    connector: HttpsConnector<HttpConnector>,
+    target: Uri,
+    idle: Mutex<Vec<Idle>>,
+    leases: Arc<Semaphore>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// The pool. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.inner.target)
+            .field("idle", &lock(&self.inner.idle).len())
+            .field("free_leases", &self.inner.leases.available_permits())
+            .finish()
+    }
+}
+
+fn lock(idle: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
+    idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Pool {
+    pub(super) fn new(
+        connector: HttpsConnector<HttpConnector>,
+        target: Uri,
+        max_connections: usize,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            connector,
+            target,
+            idle: Mutex::new(Vec::new()),
+            leases: Arc::new(Semaphore::new(max_connections)),
+            connect_timeout,
+            idle_timeout,
+        });
+        spawn_reaper(Arc::downgrade(&inner), idle_timeout);
+        Self { inner }
+    }
+
+    /// A ready connection: an idle one if any is usable, else a new one once a permit is free.
+    pub(super) async fn checkout(&self) -> Result<Lease, UpstreamError> {
+        let permit = self
+            .inner
+            .leases
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| UpstreamError::Failed("connection pool closed".into()))?;
+        if let Some(sender) = self.inner.take_idle().await {
+            return Ok(Lease::new(sender, permit, &self.inner, true));
+        }
+        let sender = self.inner.connect().await?;
+        Ok(Lease::new(sender, permit, &self.inner, false))
+    }
+}
+
+impl Inner {
+    /// Pops idle connections, most recently used first, until one is ready.
+    async fn take_idle(&self) -> Option<Sender> {
+        loop {
+            let Idle { mut sender, since } = lock(&self.idle).pop()?;
+            if since.elapsed() >= self.idle_timeout || sender.is_closed() {
+                continue;
+            }
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// TCP connect, TLS handshake (for https) and HTTP/1 handshake, within `connect_timeout`.
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let mut connector = self.connector.clone();
+        let target = self.target.clone();
+        let connect = async move {
+            std::future::poll_fn(|cx| connector.poll_ready(cx))
+                .await
+                .map_err(|e| UpstreamError::Failed(chain(&*e)))?;
+            let io = connector
+                .call(target)
+                .await
+                .map_err(|e| UpstreamError::Failed(chain(&*e)))?;
+            let (sender, conn) = http1::Builder::new()
+                .handshake::<_, UpstreamBody>(io)
+                .await
+                .map_err(|e| UpstreamError::Failed(chain(&e)))?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(error = %chain(&error), "upstream connection ended with an error");
+                }
+            });
+            Ok::<_, UpstreamError>(sender)
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?
+    }
+
+    fn put_idle(&self, sender: Sender) {
+        if !sender.is_closed() {
+            lock(&self.idle).push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// Closes idle connections past `idle_timeout`, until the pool is dropped.
+fn spawn_reaper(inner: Weak<Inner>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else { break };
+            lock(&inner.idle)
+                .retain(|idle| idle.since.elapsed() < idle_timeout && !idle.sender.is_closed());
+        }
+    });
+}
+
+/// Every cause of an error, joined, so logs say "connection refused" and not just "connect error".
+pub(super) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+/// A ready connection, held by one request until its response body ends.
+///
+/// Dropped without sending, the connection goes back to the pool; dropped after a request, it goes
+/// back only if the exchange ended cleanly.
+pub struct Lease {
+    sender: Option<Sender>,
+    _permit: OwnedSemaphorePermit,
+    pool: Weak<Inner>,
+    /// Taken from the idle list (so it may have been closed by the upstream meanwhile).
+    reused: bool,
+    /// Whether the connection may go back to the pool when the lease is dropped.
+    reusable: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("reused", &self.reused).finish()
+    }
+}
+
+impl Lease {
+    fn new(sender: Sender, permit: OwnedSemaphorePermit, pool: &Arc<Inner>, reused: bool) -> Self {
+        Self {
+            sender: Some(sender),
+            _permit: permit,
+            pool: Arc::downgrade(pool),
+            reused,
+            reusable: true,
+        }
+    }
+
+    /// Sends `req` and waits for the response headers. A pooled connection the upstream closed
+    /// while idle fails before the request is written; the request is then sent once more on a
+    /// fresh connection.
+    pub(super) async fn send(
+        mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<LeasedBody>, UpstreamError> {
+        let Some(mut sender) = self.sender.take() else {
+            return Err(UpstreamError::Failed("connection already used".into()));
+        };
+        self.reusable = false;
+        let result = match sender.try_send_request(req).await {
+            Ok(response) => Ok((response, sender)),
+            Err(mut error) => match (self.reused, error.take_message()) {
+                (true, Some(req)) => {
+                    tracing::debug!(error = %chain(error.error()), "pooled connection was stale; reconnecting");
+                    drop(sender);
+                    let fresh = self.pool.upgrade().ok_or_else(|| {
+                        UpstreamError::Failed("connection pool closed".into())
+                    });
+                    match fresh {
+                        Ok(pool) => match pool.connect().await {
+                            Ok(mut sender) => sender
+                                .send_request(req)
+                                .await
+                                .map(|response| (response, sender))
+                                .map_err(|e| UpstreamError::from_hyper(&e)),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    }
+                }
+                _ => Err(UpstreamError::from_hyper(error.error())),
+            },
+        };
+        let (response, sender) = result?;
+        self.sender = Some(sender);
+        Ok(response.map(|body| LeasedBody {
+            body,
+            lease: Some(self),
+        }))
+    }
+
+    /// Ends the exchange: the connection goes back to the pool only if it completed cleanly.
+    fn finish(mut self, reusable: bool) {
+        self.reusable = reusable;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let (true, Some(sender), Some(pool)) =
+            (self.reusable, self.sender.take(), self.pool.upgrade())
+        {
+            pool.put_idle(sender);
+        }
+    }
+}
+
+/// The upstream's response body, holding its connection's lease until the body ends.
+pub struct LeasedBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for LeasedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeasedBody").finish()
+    }
+}
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(lease) = this.lease.take() {
+                    lease.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // A connection that failed mid-body is not reused.
+                drop(this.lease.take());
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for LeasedBody {
+    fn drop(&mut self) {
+        // A body the server never polled (204, HEAD, empty) still ends the exchange cleanly; a
+        // body dropped half-read leaves the connection mid-response, so it is closed.
+        if let Some(lease) = self.lease.take() {
+            lease.finish(self.body.is_end_stream());
+        }
+    }
+}

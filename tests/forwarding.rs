@@ -1,0 +1,245 @@
+//! Forwarding through the proxy, end to end over real sockets: what the upstream sees and what
+//! the client gets back.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use support::*;
+use tmdb_proxy::sim::{Route, SimConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+#[tokio::test]
+async fn keyed_request_is_forwarded_and_response_comes_back_intact() {
+    let body = r#"{"id":550,"title":"Fight Club","tagline":"Mischief. Mayhem. Soap."}"#;
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert(
+        "/3/movie/550".into(),
+        Route::Fixed {
+            status: StatusCode::OK,
+            headers: vec![
+                ("content-type".into(), "application/json;charset=utf-8".into()),
+                ("cache-control".into(), "public, max-age=21384".into()),
+                ("etag".into(), "W/\"abc\"".into()),
+                ("x-custom-upstream".into(), "kept".into()),
+            ],
+            body: Bytes::from_static(body.as_bytes()),
+        },
+    );
+    let sim = sim_with(cfg).await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let client = http1_client();
+
+    let reply = get_with(
+        &client,
+        &proxy.url("/3/movie/550?api_key=KEY1&&language=en-US&include_image_language=null"),
+        &[
+            ("content-type", "application/json"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "must not pass"),
+            ("keep-alive", "timeout=5"),
+            ("accept-encoding", "gzip"),
+        ],
+    )
+    .await;
+
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), body);
+    assert_eq!(reply.header("cache-control"), Some("public, max-age=21384"));
+    assert_eq!(reply.header("etag"), Some("W/\"abc\""));
+    assert_eq!(reply.header("x-custom-upstream"), Some("kept"));
+    assert_eq!(reply.header("content-type"), Some("application/json;charset=utf-8"));
+
+    let arrivals = sim.arrivals();
+    assert_eq!(arrivals.len(), 1);
+    let seen = &arrivals[0];
+    assert_eq!(seen.path, "/3/movie/550");
+    assert_eq!(
+        seen.query.as_deref(),
+        Some("api_key=KEY1&&language=en-US&include_image_language=null")
+    );
+    assert_eq!(seen.credential.as_deref(), Some("KEY1"));
+    assert_eq!(seen.headers["host"], sim.addr().to_string().as_str());
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen.headers["accept-encoding"], "gzip");
+    assert!(!seen.headers.contains_key("x-hop"));
+    assert!(!seen.headers.contains_key("keep-alive"));
+}
+
+#[tokio::test]
+async fn compressed_bodies_pass_through_untouched() {
+    let gz = Bytes::from_static(&[0x1f, 0x8b, 0x08, 0x00, 0xde, 0xad, 0xbe, 0xef, 0x00, 0xff]);
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert(
+        "/3/configuration".into(),
+        Route::Fixed {
+            status: StatusCode::OK,
+            headers: vec![
+                ("content-type".into(), "application/json;charset=utf-8".into()),
+                ("content-encoding".into(), "gzip".into()),
+            ],
+            body: gz.clone(),
+        },
+    );
+    let sim = sim_with(cfg).await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let reply = get_with(
+        &http1_client(),
+        &proxy.url("/3/configuration?api_key=K"),
+        &[("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(reply.header("content-encoding"), Some("gzip"));
+    assert_eq!(reply.body, gz);
+}
+
+#[tokio::test]
+async fn http2_cleartext_clients_are_served() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let reply = get(&h2_client(), &proxy.url("/3/movie/603?api_key=K")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["id"], 603);
+    // Upstream is always spoken to over HTTP/1.1, whatever the client used.
+    assert_eq!(sim.hits(), 1);
+}
+
+#[tokio::test]
+async fn connection_close_clients_are_served() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /3/movie/1?api_key=K HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("proxy closes the connection after answering")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""id":1"#), "{text}");
+}
+
+#[tokio::test]
+async fn default_key_is_injected_when_the_request_has_none() {
+    let sim = sim().await;
+    let proxy = spawn_proxy(
+        "[keys]\ndefault_api_key = \"DEFAULTKEY0123\"\n",
+        &sim.url(),
+    )
+    .await;
+    let reply = get(&http1_client(), &proxy.url("/3/movie/550?language=de-DE")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = &sim.arrivals()[0];
+    assert_eq!(seen.query.as_deref(), Some("language=de-DE&api_key=DEFAULTKEY0123"));
+    // The key the proxy holds is never echoed back to the client.
+    assert!(!reply.text().contains("DEFAULTKEY0123"));
+    assert!(!format!("{:?}", reply.headers).contains("DEFAULTKEY0123"));
+}
+
+#[tokio::test]
+async fn request_without_any_key_gets_401_code_7() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let reply = get(&http1_client(), &proxy.url("/3/movie/550?language=en-US")).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.header("content-type"), Some("application/json;charset=utf-8"));
+    assert_eq!(
+        reply.text(),
+        r#"{"success":false,"status_code":7,"status_message":"Invalid API key: You must be granted a valid key."}"#
+    );
+    assert_eq!(sim.hits(), 0);
+}
+
+#[tokio::test]
+async fn only_the_configured_upstream_is_ever_contacted() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET http://example.com/3/movie/1?api_key=K HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains(r#""status_code":47"#), "{text}");
+    assert_eq!(sim.hits(), 0);
+}
+
+#[tokio::test]
+async fn upstream_never_sees_more_than_max_connections() {
+    let sim = sim_with(SimConfig {
+        latency: Duration::from_millis(30),
+        ..SimConfig::default()
+    })
+    .await;
+    let proxy = spawn_proxy(
+        "[upstream]\nmax_connections = 4\n[limit]\nrequests_per_second = 1000\n",
+        &sim.url(),
+    )
+    .await;
+    let client = http1_client();
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        let (client, url) = (client.clone(), proxy.url(&format!("/3/movie/{i}?api_key=K{}", i % 7)));
+        tasks.push(tokio::spawn(async move { get(&client, &url).await.status }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert_eq!(sim.hits(), 80);
+    assert!(sim.max_open_connections() <= 4, "{}", sim.max_open_connections());
+    // The pool is reused rather than reconnecting per request.
+    assert!(sim.accepted_connections() <= 8, "{}", sim.accepted_connections());
+}
+
+#[tokio::test]
+async fn large_response_streams_without_being_held_whole() {
+    let gate = Arc::new(Notify::new());
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert(
+        "/3/big".into(),
+        Route::Stream {
+            chunk_size: 64 * 1024,
+            chunks: 128, // 8 MiB
+            gate: Some(gate.clone()),
+        },
+    );
+    let sim = sim_with(cfg).await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let client = http1_client();
+    let req = Request::get(proxy.url("/3/big?api_key=K"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("headers arrive before the body is complete")
+        .unwrap();
+    assert_eq!(response.headers()["content-length"], (64 * 1024 * 128).to_string().as_str());
+    let mut body = response.into_body();
+    // The first chunk reaches the client while the upstream still holds back the rest: the
+    // proxy cannot be buffering the whole body.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk streams through")
+        .unwrap()
+        .unwrap();
+    let mut received = first.into_data().map(|d| d.len()).unwrap_or(0);
+    assert!(received > 0);
+    gate.notify_one();
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+    }
+    assert_eq!(received, 64 * 1024 * 128);
+}

@@ -1,0 +1,205 @@
+//! Shared helpers: start the proxy and a TMDB stand-in on 127.0.0.1:0, and talk HTTP to them.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tmdb_proxy::sim::{Sim, SimConfig};
+use tmdb_proxy::{Config, Proxy};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running proxy. Dropping it shuts the server down.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// Signals shutdown and waits for the server to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Parses `toml` (with `base_url` pointed at `upstream`) and starts the proxy on 127.0.0.1:0.
+pub async fn spawn_proxy(toml: &str, upstream: &str) -> Running {
+    let mut env = HashMap::new();
+    env.insert("TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(), upstream.to_owned());
+    let cfg = Config::from_toml_with_env(toml, Some(env)).expect("test config is valid");
+    spawn_with(cfg).await
+}
+
+pub async fn spawn_with(cfg: Config) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::new(&cfg).expect("proxy builds");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server_proxy = proxy.clone();
+    let task = tokio::spawn(async move {
+        tmdb_proxy::server::run(listener, server_proxy, &cfg.server, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    Running {
+        addr,
+        proxy,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// A stand-in with no TMDB limit of its own and no latency.
+pub async fn sim() -> Sim {
+    Sim::start_local(SimConfig::default()).await.unwrap()
+}
+
+pub async fn sim_with(cfg: SimConfig) -> Sim {
+    Sim::start_local(cfg).await.unwrap()
+}
+
+pub type TestClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// An HTTP/1.1 client with a pool large enough for hundreds of concurrent requests.
+pub fn http1_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response read whole.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap_or("<binary>")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// GET `url` with extra headers.
+pub async fn get_with(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::get(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let response = client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .expect("proxy answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(client: &TestClient, url: &str) -> Reply {
+    get_with(client, url, &[]).await
+}
+
+/// The exact code-25 body for `limit`, whatever the count.
+pub fn assert_code_25(reply: &Reply, limit: u32) {
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json;charset=utf-8")
+    );
+    let json = reply.json();
+    assert_eq!(json["success"], false);
+    assert_eq!(json["status_code"], 25);
+    let count = json["status_message"]
+        .as_str()
+        .and_then(|m| m.strip_prefix("Your request count ("))
+        .and_then(|m| m.split(')').next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .expect("message has the request count");
+    assert!(count > limit);
+    assert_eq!(
+        reply.text(),
+        format!(
+            r#"{{"success":false,"status_code":25,"status_message":"Your request count ({count}) is over the allowed limit of ({limit})."}}"#
+        )
+    );
+    let retry_after: u64 = reply
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After is whole seconds");
+    assert!(retry_after >= 1);
+}
+
+/// Polls `check` every 20 ms until it holds or `deadline` passes.
+pub async fn eventually(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
+
+/// A TMDB v4-style read token: a JWT whose payload names `aud`.
+pub fn jwt_with_aud(aud: &str) -> String {
+    use base64::Engine as _;
+    let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.{}",
+        enc.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        enc.encode(format!(
+            r#"{{"aud":"{aud}","sub":"5f00","scopes":["api_read"],"version":1}}"#
+        )),
+        enc.encode("signature")
+    )
+}
