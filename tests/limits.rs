@@ -112,12 +112,15 @@ async fn sustained_overload_is_admitted_at_over_90_percent_of_the_limit() {
     }
     let times: Vec<Instant> = sim.arrivals().iter().map(|a| a.at).collect();
     assert!(max_in_window(&times, ONE_SECOND) <= 20);
-    // Skip the opening burst; over the next three seconds at least 90% of 20/s must pass.
+    // After the opening burst, every 2-second stretch (at any offset) admits at least 90% of
+    // the 40 requests that 20/s allows.
     let first = *times.iter().min().unwrap();
-    let from = first + Duration::from_millis(1100);
-    let to = from + Duration::from_secs(3);
-    let steady = times.iter().filter(|&&t| t >= from && t < to).count();
-    assert!(steady >= 54, "{steady} admitted in 3 s (want >= 54 of 60)");
+    for offset_ms in [1100, 1337, 1500, 1789, 2000, 2222] {
+        let from = first + Duration::from_millis(offset_ms);
+        let to = from + Duration::from_secs(2);
+        let steady = times.iter().filter(|&&t| t >= from && t < to).count();
+        assert!(steady >= 36, "{steady} admitted in the 2 s from +{offset_ms} ms (want >= 36 of 40)");
+    }
 }
 
 #[tokio::test]
