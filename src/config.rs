@@ -426,7 +426,10 @@ fn validate_limit(raw: RawLimit) -> Result<LimitConfig, ConfigError> {
     if requests_per_second.get() > MAX_REQUESTS_PER_SECOND {
         return Err(invalid(
             "limit.requests_per_second",
-            format!("{} is above the supported maximum of {MAX_REQUESTS_PER_SECOND}", raw.requests_per_second),
+            format!(
+                "{} is above the supported maximum of {MAX_REQUESTS_PER_SECOND}",
+                raw.requests_per_second
+            ),
         ));
     }
     let mode = match raw.mode.trim().to_ascii_lowercase().as_str() {
@@ -501,13 +504,13 @@ fn validate_keys(raw: RawKeys) -> Result<KeysConfig, ConfigError> {
             ));
         }
     };
-    if let Some(key) = &key {
-        if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid(
-                "keys.default_api_key",
-                "the key contains whitespace or control characters",
-            ));
-        }
+    if let Some(key) = &key
+        && key.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            "keys.default_api_key",
+            "the key contains whitespace or control characters",
+        ));
     }
     Ok(KeysConfig {
         default_api_key: key.map(Secret),
@@ -531,7 +534,10 @@ fn non_zero(key: &'static str, value: u32) -> Result<NonZeroU32, ConfigError> {
 
 fn positive(key: &'static str, value: Duration) -> Result<Duration, ConfigError> {
     if value.is_zero() {
-        Err(invalid(key, "must be longer than zero (e.g. \"2s\", \"250ms\")"))
+        Err(invalid(
+            key,
+            "must be longer than zero (e.g. \"2s\", \"250ms\")",
+        ))
     } else {
         Ok(value)
     }
@@ -605,11 +611,23 @@ mod tests {
         let cases = [
             ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
             ("[upstream]\nbase_url = \"ftp://x\"\n", "upstream.base_url"),
-            ("[upstream]\nbase_url = \"https://h/3/\"\n", "upstream.base_url"),
-            ("[limit]\nrequests_per_second = 0\n", "limit.requests_per_second"),
+            (
+                "[upstream]\nbase_url = \"https://h/3/\"\n",
+                "upstream.base_url",
+            ),
+            (
+                "[limit]\nrequests_per_second = 0\n",
+                "limit.requests_per_second",
+            ),
             ("[limit]\nmode = \"drop\"\n", "limit.mode"),
-            ("[upstream]\nca_file = \"/nonexistent.pem\"\n", "upstream.ca_file"),
-            ("[upstream]\nconnect_timeout = \"0s\"\n", "upstream.connect_timeout"),
+            (
+                "[upstream]\nca_file = \"/nonexistent.pem\"\n",
+                "upstream.ca_file",
+            ),
+            (
+                "[upstream]\nconnect_timeout = \"0s\"\n",
+                "upstream.connect_timeout",
+            ),
         ];
         for (toml, key) in cases {
             let msg = Config::from_toml_str(toml).unwrap_err().to_string();
@@ -633,8 +651,9 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let cfg = Config::from_toml_with_env("", env(&[("TMDB_PROXY__KEYS__DEFAULT_API_KEY", "s3cr3t")]))
-            .unwrap();
+        let cfg =
+            Config::from_toml_with_env("", env(&[("TMDB_PROXY__KEYS__DEFAULT_API_KEY", "s3cr3t")]))
+                .unwrap();
         assert!(!format!("{cfg:?}").contains("s3cr3t"));
     }
 }

@@ -56,7 +56,10 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(status::CONTENT_TYPE));
         if let Self::RateLimited(r) = self {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(r.retry_after)));
+            headers.insert(
+                RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(r.retry_after)),
+            );
         }
         response
     }
@@ -77,7 +80,10 @@ mod tests {
         let response = err.into_response();
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
-        assert_eq!(response.headers()[CONTENT_TYPE], "application/json;charset=utf-8");
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "application/json;charset=utf-8"
+        );
     }
 
     #[test]

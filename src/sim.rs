@@ -237,7 +237,10 @@ async fn answer(req: Request<Incoming>, cfg: &SimConfig, state: &State) -> Respo
     if let Some(limit) = cfg.rate_limit {
         let mut windows = lock(&state.windows);
         let window = windows.entry(credential).or_default();
-        while window.front().is_some_and(|&t| now - t >= Duration::from_secs(1)) {
+        while window
+            .front()
+            .is_some_and(|&t| now - t >= Duration::from_secs(1))
+        {
             window.pop_front();
         }
         if window.len() >= limit as usize {
@@ -311,24 +314,24 @@ async fn route_response(route: &Route) -> Response<SimBody> {
             gate,
         } => {
             let (tx, rx) = mpsc::channel(2);
-            let (chunk, chunks, gate) = (Bytes::from(vec![b'x'; *chunk_size]), *chunks, gate.clone());
+            let (chunk, chunks, gate) =
+                (Bytes::from(vec![b'x'; *chunk_size]), *chunks, gate.clone());
             tokio::spawn(async move {
                 for i in 0..chunks {
                     if tx.send(chunk.clone()).await.is_err() {
                         return;
                     }
-                    if i == 0 {
-                        if let Some(gate) = &gate {
-                            gate.notified().await;
-                        }
+                    if i == 0
+                        && let Some(gate) = &gate
+                    {
+                        gate.notified().await;
                     }
                 }
             });
             let mut response = Response::new(SimBody::Channel(rx));
-            response.headers_mut().insert(
-                "content-length",
-                HeaderValue::from(chunk_size * chunks),
-            );
+            response
+                .headers_mut()
+                .insert("content-length", HeaderValue::from(chunk_size * chunks));
             response
         }
         Route::Stall => std::future::pending().await,

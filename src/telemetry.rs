@@ -1,5 +1,7 @@
 //! Logging setup: `tracing-subscriber` with the configured filter, `RUST_LOG` taking precedence.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. A bad filter falls back to `info` with a warning rather than
@@ -18,6 +20,7 @@ pub fn init(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     if let Some(message) = bad {
         tracing::warn!(%message, "invalid log filter; using info");

@@ -23,7 +23,10 @@ async fn keyed_request_is_forwarded_and_response_comes_back_intact() {
         Route::Fixed {
             status: StatusCode::OK,
             headers: vec![
-                ("content-type".into(), "application/json;charset=utf-8".into()),
+                (
+                    "content-type".into(),
+                    "application/json;charset=utf-8".into(),
+                ),
                 ("cache-control".into(), "public, max-age=21384".into()),
                 ("etag".into(), "W/\"abc\"".into()),
                 ("x-custom-upstream".into(), "kept".into()),
@@ -54,7 +57,10 @@ async fn keyed_request_is_forwarded_and_response_comes_back_intact() {
     assert_eq!(reply.header("cache-control"), Some("public, max-age=21384"));
     assert_eq!(reply.header("etag"), Some("W/\"abc\""));
     assert_eq!(reply.header("x-custom-upstream"), Some("kept"));
-    assert_eq!(reply.header("content-type"), Some("application/json;charset=utf-8"));
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json;charset=utf-8")
+    );
 
     let arrivals = sim.arrivals();
     assert_eq!(arrivals.len(), 1);
@@ -81,7 +87,10 @@ async fn compressed_bodies_pass_through_untouched() {
         Route::Fixed {
             status: StatusCode::OK,
             headers: vec![
-                ("content-type".into(), "application/json;charset=utf-8".into()),
+                (
+                    "content-type".into(),
+                    "application/json;charset=utf-8".into(),
+                ),
                 ("content-encoding".into(), "gzip".into()),
             ],
             body: gz.clone(),
@@ -132,15 +141,14 @@ async fn connection_close_clients_are_served() {
 #[tokio::test]
 async fn default_key_is_injected_when_the_request_has_none() {
     let sim = sim().await;
-    let proxy = spawn_proxy(
-        "[keys]\ndefault_api_key = \"DEFAULTKEY0123\"\n",
-        &sim.url(),
-    )
-    .await;
+    let proxy = spawn_proxy("[keys]\ndefault_api_key = \"DEFAULTKEY0123\"\n", &sim.url()).await;
     let reply = get(&http1_client(), &proxy.url("/3/movie/550?language=de-DE")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = &sim.arrivals()[0];
-    assert_eq!(seen.query.as_deref(), Some("language=de-DE&api_key=DEFAULTKEY0123"));
+    assert_eq!(
+        seen.query.as_deref(),
+        Some("language=de-DE&api_key=DEFAULTKEY0123")
+    );
     // The key the proxy holds is never echoed back to the client.
     assert!(!reply.text().contains("DEFAULTKEY0123"));
     assert!(!format!("{:?}", reply.headers).contains("DEFAULTKEY0123"));
@@ -152,7 +160,10 @@ async fn request_without_any_key_gets_401_code_7() {
     let proxy = spawn_proxy("", &sim.url()).await;
     let reply = get(&http1_client(), &proxy.url("/3/movie/550?language=en-US")).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(reply.header("content-type"), Some("application/json;charset=utf-8"));
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json;charset=utf-8")
+    );
     assert_eq!(
         reply.text(),
         r#"{"success":false,"status_code":7,"status_message":"Invalid API key: You must be granted a valid key."}"#
@@ -192,16 +203,27 @@ async fn upstream_never_sees_more_than_max_connections() {
     let client = http1_client();
     let mut tasks = Vec::new();
     for i in 0..80 {
-        let (client, url) = (client.clone(), proxy.url(&format!("/3/movie/{i}?api_key=K{}", i % 7)));
+        let (client, url) = (
+            client.clone(),
+            proxy.url(&format!("/3/movie/{i}?api_key=K{}", i % 7)),
+        );
         tasks.push(tokio::spawn(async move { get(&client, &url).await.status }));
     }
     for task in tasks {
         assert_eq!(task.await.unwrap(), 200);
     }
     assert_eq!(sim.hits(), 80);
-    assert!(sim.max_open_connections() <= 4, "{}", sim.max_open_connections());
+    assert!(
+        sim.max_open_connections() <= 4,
+        "{}",
+        sim.max_open_connections()
+    );
     // The pool is reused rather than reconnecting per request.
-    assert!(sim.accepted_connections() <= 8, "{}", sim.accepted_connections());
+    assert!(
+        sim.accepted_connections() <= 8,
+        "{}",
+        sim.accepted_connections()
+    );
 }
 
 #[tokio::test]
@@ -226,7 +248,10 @@ async fn large_response_streams_without_being_held_whole() {
         .await
         .expect("headers arrive before the body is complete")
         .unwrap();
-    assert_eq!(response.headers()["content-length"], (64 * 1024 * 128).to_string().as_str());
+    assert_eq!(
+        response.headers()["content-length"],
+        (64 * 1024 * 128).to_string().as_str()
+    );
     let mut body = response.into_body();
     // The first chunk reaches the client while the upstream still holds back the rest: the
     // proxy cannot be buffering the whole body.

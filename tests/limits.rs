@@ -67,7 +67,11 @@ async fn check_concurrent_burst(client: TestClient, keys: &[&str]) {
         let worst = max_in_window(times, ONE_SECOND);
         assert!(worst <= 50, "key {key}: {worst} arrivals in one second");
     }
-    assert_eq!(ok, sim.hits(), "every admitted request reached the upstream once");
+    assert_eq!(
+        ok,
+        sim.hits(),
+        "every admitted request reached the upstream once"
+    );
     // Queue mode with a 2 s wait serves more than one second's worth per key.
     assert!(ok >= keys.len() * 51, "only {ok} served");
 }
@@ -119,7 +123,10 @@ async fn sustained_overload_is_admitted_at_over_90_percent_of_the_limit() {
         let from = first + Duration::from_millis(offset_ms);
         let to = from + Duration::from_secs(2);
         let steady = times.iter().filter(|&&t| t >= from && t < to).count();
-        assert!(steady >= 36, "{steady} admitted in the 2 s from +{offset_ms} ms (want >= 36 of 40)");
+        assert!(
+            steady >= 36,
+            "{steady} admitted in the 2 s from +{offset_ms} ms (want >= 36 of 40)"
+        );
     }
 }
 
@@ -147,7 +154,11 @@ async fn reject_mode_answers_429_at_once() {
     let started = Instant::now();
     let replies = burst(&http1_client(), &[proxy.url("/3/movie/1?api_key=R")], 15).await;
     // Nothing waited for a token: the whole burst is answered well inside one window.
-    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(replies.iter().filter(|r| r.status == 200).count(), 10);
     for reply in replies.iter().filter(|r| r.status != 200) {
         assert_code_25(reply, 10);
@@ -171,7 +182,10 @@ async fn queue_mode_rejects_at_once_when_the_wait_would_exceed_max_wait() {
     let started = Instant::now();
     let reply = get(&client, &url).await;
     assert_code_25(&reply, 2);
-    assert!(started.elapsed() < Duration::from_millis(400), "answered without waiting");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "answered without waiting"
+    );
 }
 
 #[tokio::test]
@@ -196,7 +210,10 @@ async fn bearer_requests_are_limited_like_api_key_ones() {
     // Another token has its own budget.
     let other = get_with(&client, &url, &[("authorization", "Bearer opaque-token-2")]).await;
     assert_eq!(other.status, 200);
-    assert_eq!(sim.arrivals()[0].headers["authorization"], "Bearer opaque-token-1");
+    assert_eq!(
+        sim.arrivals()[0].headers["authorization"],
+        "Bearer opaque-token-1"
+    );
 }
 
 #[tokio::test]
@@ -209,17 +226,46 @@ async fn jwt_with_aud_shares_the_api_key_bucket() {
     .await;
     let client = http1_client();
     let token = jwt_with_aud("ACCOUNTKEY");
-    assert_eq!(get(&client, &proxy.url("/3/movie/1?api_key=ACCOUNTKEY")).await.status, 200);
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=ACCOUNTKEY"))
+            .await
+            .status,
+        200
+    );
     let bearer = format!("Bearer {token}");
-    let v4 = get_with(&client, &proxy.url("/3/movie/2"), &[("authorization", bearer.as_str())]).await;
+    let v4 = get_with(
+        &client,
+        &proxy.url("/3/movie/2"),
+        &[("authorization", bearer.as_str())],
+    )
+    .await;
     assert_eq!(v4.status, 200);
     // Two spent between v3 and v4: the account's third request is refused either way.
-    assert_eq!(get(&client, &proxy.url("/3/movie/3?api_key=ACCOUNTKEY")).await.status, 429);
-    let v4 = get_with(&client, &proxy.url("/4/list/1"), &[("authorization", bearer.as_str())]).await;
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/3?api_key=ACCOUNTKEY"))
+            .await
+            .status,
+        429
+    );
+    let v4 = get_with(
+        &client,
+        &proxy.url("/4/list/1"),
+        &[("authorization", bearer.as_str())],
+    )
+    .await;
     assert_code_25(&v4, 2);
     // A token for another account is unaffected.
     let other = format!("Bearer {}", jwt_with_aud("OTHERKEY"));
-    assert_eq!(get_with(&client, &proxy.url("/3/movie/4"), &[("authorization", other.as_str())]).await.status, 200);
+    assert_eq!(
+        get_with(
+            &client,
+            &proxy.url("/3/movie/4"),
+            &[("authorization", other.as_str())]
+        )
+        .await
+        .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -279,13 +325,20 @@ fn ratelimit_fields(reply: &Reply) -> (u64, u64) {
 #[tokio::test]
 async fn rate_limit_headers_on_every_keyed_response_and_no_legacy_by_default() {
     let sim = sim().await;
-    let proxy = spawn_proxy("[limit]\nrequests_per_second = 3\nmode = \"reject\"\n", &sim.url()).await;
+    let proxy = spawn_proxy(
+        "[limit]\nrequests_per_second = 3\nmode = \"reject\"\n",
+        &sim.url(),
+    )
+    .await;
     let client = http1_client();
     let url = proxy.url("/3/movie/1?api_key=H");
     let mut remaining = Vec::new();
     for _ in 0..4 {
         let reply = get(&client, &url).await;
-        assert_eq!(reply.header("ratelimit-policy"), Some("\"per-key\";q=3;w=1"));
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"per-key\";q=3;w=1")
+        );
         let (r, t) = ratelimit_fields(&reply);
         remaining.push(r);
         if reply.status == 429 {
@@ -293,8 +346,15 @@ async fn rate_limit_headers_on_every_keyed_response_and_no_legacy_by_default() {
         } else if r > 0 {
             assert_eq!(t, 0);
         }
-        for legacy in ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"] {
-            assert!(reply.header(legacy).is_none(), "{legacy} sent without legacy_headers");
+        for legacy in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            assert!(
+                reply.header(legacy).is_none(),
+                "{legacy} sent without legacy_headers"
+            );
         }
     }
     assert_eq!(remaining, [2, 1, 0, 0]);
@@ -320,7 +380,10 @@ async fn legacy_headers_when_enabled() {
         let before = now();
         let reply = get(&client, &url).await;
         assert_eq!(header_u64(&reply, "x-ratelimit-limit"), 2);
-        assert_eq!(header_u64(&reply, "x-ratelimit-remaining"), expected_remaining);
+        assert_eq!(
+            header_u64(&reply, "x-ratelimit-remaining"),
+            expected_remaining
+        );
         let (r, _) = ratelimit_fields(&reply);
         assert_eq!(r, expected_remaining);
         let reset = header_u64(&reply, "x-ratelimit-reset");
@@ -343,7 +406,12 @@ async fn idle_buckets_are_dropped() {
     .await;
     let client = http1_client();
     for i in 0..40 {
-        assert_eq!(get(&client, &proxy.url(&format!("/3/movie/1?api_key=IDLE{i}"))).await.status, 200);
+        assert_eq!(
+            get(&client, &proxy.url(&format!("/3/movie/1?api_key=IDLE{i}")))
+                .await
+                .status,
+            200
+        );
     }
     assert!(proxy.proxy.limiter().active_keys() > 0);
     let limiter = proxy.proxy.limiter();

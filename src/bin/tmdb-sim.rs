@@ -8,7 +8,10 @@ use clap::Parser;
 use tmdb_proxy::sim::{Sim, SimConfig};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "A TMDB stand-in: TMDB-shaped JSON, TMDB's own 429s, offline")]
+#[command(
+    version,
+    about = "A TMDB stand-in: TMDB-shaped JSON, TMDB's own 429s, offline"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9099")]

@@ -84,7 +84,11 @@ pub struct Bucket {
 impl Bucket {
     /// Drops tokens that have refilled by `now`, and starts or stops pacing.
     fn refill(&mut self, now: Nanos, quota: Quota) {
-        while self.spent.front().is_some_and(|&t| t.saturating_add(quota.window) <= now) {
+        while self
+            .spent
+            .front()
+            .is_some_and(|&t| t.saturating_add(quota.window) <= now)
+        {
             self.spent.pop_front();
         }
         if self.spent.len() >= quota.capacity as usize {
@@ -121,7 +125,9 @@ impl Bucket {
             .spent
             .partition_point(|&t| t.saturating_add(quota.window) <= at);
         let in_window = self.spent.len() - refilled;
-        quota.capacity.saturating_sub(u32::try_from(in_window).unwrap_or(u32::MAX))
+        quota
+            .capacity
+            .saturating_sub(u32::try_from(in_window).unwrap_or(u32::MAX))
     }
 
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
@@ -130,7 +136,9 @@ impl Bucket {
         let at = self.next_slot(now, quota);
         if at - now > max_wait {
             return Decision::Deny {
-                count: u32::try_from(self.spent.len()).unwrap_or(u32::MAX).saturating_add(1),
+                count: u32::try_from(self.spent.len())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(1),
                 next_free: at,
             };
         }
@@ -217,11 +225,20 @@ mod tests {
         let mut b = Bucket::default();
         admitted(b.acquire(0, q, 0));
         admitted(b.acquire(300 * MS, q, 0));
-        assert!(matches!(b.acquire(q.window - 1, q, 0), Decision::Deny { .. }));
+        assert!(matches!(
+            b.acquire(q.window - 1, q, 0),
+            Decision::Deny { .. }
+        ));
         assert_eq!(admitted(b.acquire(q.window, q, 0)), q.window);
         // The second token is still out until 300 ms + window.
-        assert!(matches!(b.acquire(q.window + MS, q, 0), Decision::Deny { .. }));
-        assert_eq!(admitted(b.acquire(300 * MS + q.window, q, 0)), 300 * MS + q.window);
+        assert!(matches!(
+            b.acquire(q.window + MS, q, 0),
+            Decision::Deny { .. }
+        ));
+        assert_eq!(
+            admitted(b.acquire(300 * MS + q.window, q, 0)),
+            300 * MS + q.window
+        );
     }
 
     #[test]
@@ -237,7 +254,9 @@ mod tests {
         }
         // Then the bucket is dry: the next slots open one window later, as a paced stream
         // (three at once, within the tolerance, then one per spacing).
-        let slots: Vec<Nanos> = (0..6).map(|_| admitted(b.acquire(MS, q, max_wait))).collect();
+        let slots: Vec<Nanos> = (0..6)
+            .map(|_| admitted(b.acquire(MS, q, max_wait)))
+            .collect();
         let w = q.window;
         assert_eq!(slots, [w, w, w, w + t, w + 2 * t, w + 3 * t]);
     }
@@ -253,11 +272,15 @@ mod tests {
         assert!(matches!(b.acquire(500 * MS, q, 0), Decision::Deny { .. }));
         // Every token is back at one window, but a paced bucket lets only a few go at once.
         let back = q.window + MS;
-        let passed = (0..50).filter(|_| matches!(b.acquire(back, q, 0), Decision::Admit { .. })).count();
+        let passed = (0..50)
+            .filter(|_| matches!(b.acquire(back, q, 0), Decision::Admit { .. }))
+            .count();
         assert_eq!(passed, 3);
         // After a quiet window the full burst is available again.
         let later = 500 * MS + 2 * q.window;
-        let passed = (0..50).filter(|_| matches!(b.acquire(later, q, 0), Decision::Admit { .. })).count();
+        let passed = (0..50)
+            .filter(|_| matches!(b.acquire(later, q, 0), Decision::Admit { .. }))
+            .count();
         assert_eq!(passed, 50);
     }
 
@@ -273,7 +296,10 @@ mod tests {
         now = 2 * q.window;
         for _ in 0..40 {
             for _ in 0..3 {
-                assert!(matches!(b.acquire(now, q, 0), Decision::Admit { .. }), "refused at {now}");
+                assert!(
+                    matches!(b.acquire(now, q, 0), Decision::Admit { .. }),
+                    "refused at {now}"
+                );
             }
             now += 75 * MS;
         }
@@ -288,7 +314,10 @@ mod tests {
         let waiter = admitted(b.acquire(100 * MS, q, max_wait));
         assert_eq!(waiter, q.window);
         // A third request would need 2 windows: too long.
-        assert!(matches!(b.acquire(200 * MS, q, max_wait), Decision::Deny { .. }));
+        assert!(matches!(
+            b.acquire(200 * MS, q, max_wait),
+            Decision::Deny { .. }
+        ));
         b.release(waiter);
         assert_eq!(admitted(b.acquire(300 * MS, q, max_wait)), q.window);
     }
@@ -314,11 +343,17 @@ mod tests {
                 .iter()
                 .take_while(|&&t| t < start + q.window)
                 .count();
-            assert!(in_window <= 50, "{in_window} admissions in the window at {start}");
+            assert!(
+                in_window <= 50,
+                "{in_window} admissions in the window at {start}"
+            );
         }
         // Sustained rate: 50 per 1.05 s, in every 2-second stretch after the opening burst.
         for start in (2..8).map(|s| s * SEC + 137 * MS) {
-            let n = admitted_at.iter().filter(|&&t| t >= start && t < start + 2 * SEC).count();
+            let n = admitted_at
+                .iter()
+                .filter(|&&t| t >= start && t < start + 2 * SEC)
+                .count();
             assert!(n >= 94, "{n} admitted in the 2 s from {start}");
         }
     }

@@ -27,8 +27,10 @@ impl Key {
     ///
     /// The hash is fixed (not per process) so fingerprints in logs stay comparable across restarts.
     pub fn from_credential(credential: &str) -> Self {
-        #[allow(deprecated)] // SipHash-2-4 with fixed keys: stable across runs, no extra dependency.
-        let mut hasher = std::hash::SipHasher::new_with_keys(0x746d_6462_2d70_726f, 0x7879_2d6b_6579_7321);
+        #[allow(deprecated)]
+        // SipHash-2-4 with fixed keys: stable across runs, no extra dependency.
+        let mut hasher =
+            std::hash::SipHasher::new_with_keys(0x746d_6462_2d70_726f, 0x7879_2d6b_6579_7321);
         credential.hash(&mut hasher);
         Self(hasher.finish())
     }
@@ -81,7 +83,11 @@ pub struct Identity {
 
 /// Identifies the key of a request from its query and headers. `default` is the hash of the
 /// configured default key, if any. `None`: the request carries no key and there is no default.
-pub fn identify(query: Option<&str>, headers: &HeaderMap, default: Option<Key>) -> Option<Identity> {
+pub fn identify(
+    query: Option<&str>,
+    headers: &HeaderMap,
+    default: Option<Key>,
+) -> Option<Identity> {
     if let Some(api_key) = query.and_then(api_key_param) {
         return Some(Identity {
             key: Key::from_credential(&api_key),
@@ -158,16 +164,31 @@ mod tests {
 
     fn bearer(token: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
         h
     }
 
     #[test]
     fn query_key_wins_and_tolerates_empty_pairs() {
         let id = identify(Some("api_key=K1&&language=en-US"), &bearer("T"), None).unwrap();
-        assert_eq!(id, Identity { key: Key::from_credential("K1"), source: Source::Query });
-        assert_eq!(api_key_param("&&api_key=&api_key=K2&").as_deref(), Some("K2"));
-        assert_eq!(api_key_param("language=en&include_image_language=null"), None);
+        assert_eq!(
+            id,
+            Identity {
+                key: Key::from_credential("K1"),
+                source: Source::Query
+            }
+        );
+        assert_eq!(
+            api_key_param("&&api_key=&api_key=K2&").as_deref(),
+            Some("K2")
+        );
+        assert_eq!(
+            api_key_param("language=en&include_image_language=null"),
+            None
+        );
     }
 
     #[test]
@@ -189,7 +210,12 @@ mod tests {
     #[test]
     fn default_then_none() {
         let d = Key::from_credential("D");
-        assert_eq!(identify(Some("page=1"), &HeaderMap::new(), Some(d)).unwrap().source, Source::Default);
+        assert_eq!(
+            identify(Some("page=1"), &HeaderMap::new(), Some(d))
+                .unwrap()
+                .source,
+            Source::Default
+        );
         assert_eq!(identify(None, &HeaderMap::new(), None), None);
         let mut basic = HeaderMap::new();
         basic.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
@@ -199,7 +225,11 @@ mod tests {
     #[test]
     fn fingerprint_does_not_contain_the_key() {
         let k = "0123456789abcdef0123456789abcdef";
-        let shown = format!("{:?} {}", Key::from_credential(k), Key::from_credential(k).fingerprint());
+        let shown = format!(
+            "{:?} {}",
+            Key::from_credential(k),
+            Key::from_credential(k).fingerprint()
+        );
         assert!(!shown.contains(k) && !shown.contains("01234567"));
     }
 }

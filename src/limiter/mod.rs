@@ -317,7 +317,10 @@ mod tests {
         let l = limiter("[limit]\nrequests_per_second = 5\nsweep_interval = \"1s\"\n");
         let _sweeper = Limiter::spawn_sweeper(&l, Duration::from_secs(1));
         for i in 0..100 {
-            l.acquire(Key::from_credential(&format!("k{i}"))).await.unwrap().sent();
+            l.acquire(Key::from_credential(&format!("k{i}")))
+                .await
+                .unwrap()
+                .sent();
         }
         assert_eq!(l.active_keys(), 100);
         tokio::time::sleep(Duration::from_millis(2100)).await;

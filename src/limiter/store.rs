@@ -61,9 +61,18 @@ mod tests {
             window: SEC,
         };
         let (a, b) = (Key::from_credential("a"), Key::from_credential("b"));
-        assert!(matches!(store.check_at(a, 0, quota, 0), Decision::Admit { .. }));
-        assert!(matches!(store.check_at(a, 1, quota, 0), Decision::Deny { .. }));
-        assert!(matches!(store.check_at(b, 1, quota, 0), Decision::Admit { .. }));
+        assert!(matches!(
+            store.check_at(a, 0, quota, 0),
+            Decision::Admit { .. }
+        ));
+        assert!(matches!(
+            store.check_at(a, 1, quota, 0),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            store.check_at(b, 1, quota, 0),
+            Decision::Admit { .. }
+        ));
         assert_eq!(store.len(), 2);
         assert_eq!(store.retain_recent(SEC, quota), 1);
         assert_eq!(store.retain_recent(SEC + 1, quota), 0);

@@ -5,9 +5,9 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::upstream::LeasedBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use crate::upstream::LeasedBody;
 
 /// A client response body.
 #[derive(Debug)]

@@ -37,6 +37,18 @@ struct Shared {
     default_key: Option<(Key, Secret)>,
 }
 
+/// A key's fingerprint in logs, `-` for a request without one.
+struct KeyLabel(Option<Key>);
+
+impl std::fmt::Display for KeyLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(key) => key.fingerprint().fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// What the request log line says about one request.
 struct Outcome {
     key: Option<Key>,
@@ -94,7 +106,11 @@ impl Proxy {
             Err((error, rate)) => {
                 let mut response = error.into_response();
                 if let Some(rate) = rate {
-                    headers::insert_rate_limit(response.headers_mut(), rate, self.shared.limit.legacy_headers);
+                    headers::insert_rate_limit(
+                        response.headers_mut(),
+                        rate,
+                        self.shared.limit.legacy_headers,
+                    );
                 }
                 if !matches!(error, ProxyError::RateLimited(_)) {
                     tracing::warn!(%method, %path, error = %error, "request failed");
@@ -106,7 +122,7 @@ impl Proxy {
             %method,
             %path,
             status = response.status().as_u16(),
-            key = outcome.key.map(|k| k.fingerprint().to_string()).unwrap_or_default(),
+            key = %KeyLabel(outcome.key),
             limited = outcome.limited,
             waited_ms = outcome.waited.as_millis() as u64,
             upstream_ms = outcome.upstream_latency.map(|d| d.as_millis() as u64),
@@ -179,6 +195,10 @@ impl Proxy {
         let result = shared.upstream.send(lease, upstream_req, deadline).await;
         outcome.upstream_latency = Some(sent.elapsed());
         let response = result.map_err(|e| (ProxyError::from(e), Some(rate)))?;
-        Ok(phases::response_filter(response, rate, shared.limit.legacy_headers))
+        Ok(phases::response_filter(
+            response,
+            rate,
+            shared.limit.legacy_headers,
+        ))
     }
 }

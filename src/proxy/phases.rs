@@ -33,12 +33,11 @@ pub fn request_filter(
     // An HTTP/1 absolute-form target (`GET http://other.host/...`) asks for a forward proxy.
     // Only the configured upstream is ever contacted, so a target naming another host is refused
     // rather than silently rewritten. (HTTP/2 always carries an authority: the proxy's own.)
-    if parts.version < Version::HTTP_2 {
-        if let Some(authority) = parts.uri.authority() {
-            if Some(authority) != upstream.authority() {
-                return Err(ProxyError::ForeignTarget);
-            }
-        }
+    if parts.version < Version::HTTP_2
+        && let Some(authority) = parts.uri.authority()
+        && Some(authority) != upstream.authority()
+    {
+        return Err(ProxyError::ForeignTarget);
     }
     key::identify(parts.uri.query(), &parts.headers, default_key).ok_or(ProxyError::MissingKey)
 }
@@ -64,7 +63,12 @@ where
     };
     let mut uri = Uri::builder()
         .scheme(upstream.scheme().cloned().unwrap_or(Scheme::HTTPS))
-        .authority(upstream.authority().cloned().unwrap_or_else(|| Authority::from_static("localhost")));
+        .authority(
+            upstream
+                .authority()
+                .cloned()
+                .unwrap_or_else(|| Authority::from_static("localhost")),
+        );
     if let Some(pq) = path_and_query {
         uri = uri.path_and_query(pq);
     } else {
@@ -73,10 +77,10 @@ where
     parts.uri = uri.build().map_err(|_| ProxyError::ForeignTarget)?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(authority) = upstream.authority() {
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(HOST, host);
-        }
+    if let Some(authority) = upstream.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(HOST, host);
     }
     append_forwarded_for(&mut parts.headers, client_ip);
     let body = body.map_err(Into::into).boxed();
@@ -146,15 +150,26 @@ mod tests {
             request_filter(&connect, &upstream(), None),
             Err(ProxyError::MethodNotAllowed(_))
         ));
-        let foreign = parts(Request::get("http://evil.example/3/movie/1?api_key=k").body(()).unwrap());
-        assert!(matches!(request_filter(&foreign, &upstream(), None), Err(ProxyError::ForeignTarget)));
+        let foreign = parts(
+            Request::get("http://evil.example/3/movie/1?api_key=k")
+                .body(())
+                .unwrap(),
+        );
+        assert!(matches!(
+            request_filter(&foreign, &upstream(), None),
+            Err(ProxyError::ForeignTarget)
+        ));
         let origin = parts(Request::get("/3/movie/1?api_key=k").body(()).unwrap());
         assert!(request_filter(&origin, &upstream(), None).is_ok());
     }
 
     #[test]
     fn default_key_is_injected_and_empty_pairs_dropped() {
-        let p = parts(Request::get("/3/movie/550?&&language=en-US&api_key=").body(()).unwrap());
+        let p = parts(
+            Request::get("/3/movie/550?&&language=en-US&api_key=")
+                .body(())
+                .unwrap(),
+        );
         let identity = Identity {
             key: Key::from_credential("D"),
             source: Source::Default,
@@ -178,19 +193,30 @@ mod tests {
 
     #[test]
     fn client_query_is_forwarded_verbatim() {
-        let mut req = Request::get("/3/search/movie?api_key=K&&query=a%20b&include_image_language=null")
-            .header("x-forwarded-for", "1.2.3.4")
-            .header("connection", "close")
-            .body(())
-            .unwrap();
+        let mut req =
+            Request::get("/3/search/movie?api_key=K&&query=a%20b&include_image_language=null")
+                .header("x-forwarded-for", "1.2.3.4")
+                .header("connection", "close")
+                .body(())
+                .unwrap();
         *req.version_mut() = Version::HTTP_2;
         let identity = Identity {
             key: Key::from_credential("K"),
             source: Source::Query,
         };
-        let up = upstream_request(parts(req), Empty::<Bytes>::new(), identity, &upstream(), None, "::1".parse().unwrap())
-            .unwrap();
-        assert_eq!(up.uri().query(), Some("api_key=K&&query=a%20b&include_image_language=null"));
+        let up = upstream_request(
+            parts(req),
+            Empty::<Bytes>::new(),
+            identity,
+            &upstream(),
+            None,
+            "::1".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            up.uri().query(),
+            Some("api_key=K&&query=a%20b&include_image_language=null")
+        );
         assert_eq!(up.version(), Version::HTTP_11);
         assert_eq!(up.headers()[X_FORWARDED_FOR], "1.2.3.4, ::1");
         assert!(!up.headers().contains_key("connection"));

@@ -19,7 +19,12 @@ use crate::proxy::Proxy;
 
 /// Serves `proxy` on `listener` until `shutdown` completes, then stops accepting, lets in-flight
 /// requests finish for up to `shutdown_timeout`, and returns.
-pub async fn run(listener: TcpListener, proxy: Proxy, cfg: &ServerConfig, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    proxy: Proxy,
+    cfg: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -59,7 +64,9 @@ pub async fn run(listener: TcpListener, proxy: Proxy, cfg: &ServerConfig, shutdo
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(error) = conn.await {

@@ -42,15 +42,47 @@ impl Status {
 pub static TABLE: [Status; 47] = [
     Status::new(1, 200, "Success."),
     Status::new(2, 501, "Invalid service: this service does not exist."),
-    Status::new(3, 401, "Authentication failed: You do not have permissions to access the service."),
-    Status::new(4, 405, "Invalid format: This service doesn’t exist in that format."),
-    Status::new(5, 422, "Invalid parameters: Your request parameters are incorrect."),
-    Status::new(6, 404, "Invalid id: The pre-requisite id is invalid or not found."),
+    Status::new(
+        3,
+        401,
+        "Authentication failed: You do not have permissions to access the service.",
+    ),
+    Status::new(
+        4,
+        405,
+        "Invalid format: This service doesn’t exist in that format.",
+    ),
+    Status::new(
+        5,
+        422,
+        "Invalid parameters: Your request parameters are incorrect.",
+    ),
+    Status::new(
+        6,
+        404,
+        "Invalid id: The pre-requisite id is invalid or not found.",
+    ),
     Status::new(7, 401, "Invalid API key: You must be granted a valid key."),
-    Status::new(8, 403, "Duplicate entry: The data you tried to submit already exists."),
-    Status::new(9, 503, "Service offline: This service is temporarily offline, try again later."),
-    Status::new(10, 401, "Suspended API key: Access to your account has been suspended, contact TMDB."),
-    Status::new(11, 500, "Internal error: Something went wrong, contact TMDB."),
+    Status::new(
+        8,
+        403,
+        "Duplicate entry: The data you tried to submit already exists.",
+    ),
+    Status::new(
+        9,
+        503,
+        "Service offline: This service is temporarily offline, try again later.",
+    ),
+    Status::new(
+        10,
+        401,
+        "Suspended API key: Access to your account has been suspended, contact TMDB.",
+    ),
+    Status::new(
+        11,
+        500,
+        "Internal error: Something went wrong, contact TMDB.",
+    ),
     Status::new(12, 201, "The item/record was updated successfully."),
     Status::new(13, 200, "The item/record was deleted successfully."),
     Status::new(14, 401, "Authentication failed."),
@@ -59,39 +91,106 @@ pub static TABLE: [Status; 47] = [
     Status::new(17, 401, "Session denied."),
     Status::new(18, 400, "Validation failed."),
     Status::new(19, 406, "Invalid accept header."),
-    Status::new(20, 422, "Invalid date range: Should be a range no longer than 14 days."),
-    Status::new(21, 200, "Entry not found: The item you are trying to edit cannot be found."),
-    Status::new(22, 400, "Invalid page: Pages start at 1 and max at 500. They are expected to be an integer."),
+    Status::new(
+        20,
+        422,
+        "Invalid date range: Should be a range no longer than 14 days.",
+    ),
+    Status::new(
+        21,
+        200,
+        "Entry not found: The item you are trying to edit cannot be found.",
+    ),
+    Status::new(
+        22,
+        400,
+        "Invalid page: Pages start at 1 and max at 500. They are expected to be an integer.",
+    ),
     Status::new(23, 400, "Invalid date: Format needs to be YYYY-MM-DD."),
-    Status::new(24, 504, "Your request to the backend server timed out. Try again."),
-    Status::new(25, 429, "Your request count (#) is over the allowed limit of (40)."),
+    Status::new(
+        24,
+        504,
+        "Your request to the backend server timed out. Try again.",
+    ),
+    Status::new(
+        25,
+        429,
+        "Your request count (#) is over the allowed limit of (40).",
+    ),
     Status::new(26, 400, "You must provide a username and password."),
-    Status::new(27, 400, "Too many append to response objects: The maximum number of remote calls is 20."),
-    Status::new(28, 400, "Invalid timezone: Please consult the documentation for a valid timezone."),
-    Status::new(29, 400, "You must confirm this action: Please provide a confirm=true parameter."),
-    Status::new(30, 401, "Invalid username and/or password: You did not provide a valid login."),
-    Status::new(31, 401, "Account disabled: Your account is no longer active. Contact TMDB if this is an error."),
-    Status::new(32, 401, "Email not verified: Your email address has not been verified."),
-    Status::new(33, 401, "Invalid request token: The request token is either expired or invalid."),
+    Status::new(
+        27,
+        400,
+        "Too many append to response objects: The maximum number of remote calls is 20.",
+    ),
+    Status::new(
+        28,
+        400,
+        "Invalid timezone: Please consult the documentation for a valid timezone.",
+    ),
+    Status::new(
+        29,
+        400,
+        "You must confirm this action: Please provide a confirm=true parameter.",
+    ),
+    Status::new(
+        30,
+        401,
+        "Invalid username and/or password: You did not provide a valid login.",
+    ),
+    Status::new(
+        31,
+        401,
+        "Account disabled: Your account is no longer active. Contact TMDB if this is an error.",
+    ),
+    Status::new(
+        32,
+        401,
+        "Email not verified: Your email address has not been verified.",
+    ),
+    Status::new(
+        33,
+        401,
+        "Invalid request token: The request token is either expired or invalid.",
+    ),
     Status::new(34, 404, "The resource you requested could not be found."),
     Status::new(35, 401, "Invalid token."),
-    Status::new(36, 401, "This token hasn’t been granted write permission by the user."),
+    Status::new(
+        36,
+        401,
+        "This token hasn’t been granted write permission by the user.",
+    ),
     Status::new(37, 404, "The requested session could not be found."),
     Status::new(38, 401, "You don’t have permission to edit this resource."),
     Status::new(39, 401, "This resource is private."),
     Status::new(40, 200, "Nothing to update."),
-    Status::new(41, 422, "This request token hasn’t been approved by the user."),
-    Status::new(42, 405, "This request method is not supported for this resource."),
+    Status::new(
+        41,
+        422,
+        "This request token hasn’t been approved by the user.",
+    ),
+    Status::new(
+        42,
+        405,
+        "This request method is not supported for this resource.",
+    ),
     Status::new(43, 502, "Couldn’t connect to the backend server."),
     Status::new(44, 500, "The ID is invalid."),
     Status::new(45, 403, "This user has been suspended."),
-    Status::new(46, 503, "The API is undergoing maintenance. Try again later."),
+    Status::new(
+        46,
+        503,
+        "The API is undergoing maintenance. Try again later.",
+    ),
     Status::new(47, 400, "The input is not valid."),
 ];
 
 /// Looks a code up in the table.
 pub fn lookup(code: u16) -> Option<&'static Status> {
-    TABLE.binary_search_by_key(&code, |s| s.code).ok().map(|i| &TABLE[i])
+    TABLE
+        .binary_search_by_key(&code, |s| s.code)
+        .ok()
+        .map(|i| &TABLE[i])
 }
 
 /// `Content-Type` of every body the proxy writes, as TMDB sends it.
@@ -135,7 +234,11 @@ impl ErrorBody {
         let status = lookup(code)
             .or_else(|| lookup(code::INTERNAL_ERROR))
             .copied()
-            .unwrap_or(Status::new(11, 500, "Internal error: Something went wrong, contact TMDB."));
+            .unwrap_or(Status::new(
+                11,
+                500,
+                "Internal error: Something went wrong, contact TMDB.",
+            ));
         Self {
             success: status.is_success(),
             status_code: status.code,
@@ -157,8 +260,8 @@ impl ErrorBody {
     /// The JSON bytes, fields in TMDB's order.
     pub fn to_json(&self) -> Bytes {
         // serde_json escapes the message; the numbers and booleans cannot fail to serialise.
-        let message = serde_json::to_string(&self.status_message)
-            .unwrap_or_else(|_| String::from("\"\""));
+        let message =
+            serde_json::to_string(&self.status_message).unwrap_or_else(|_| String::from("\"\""));
         Bytes::from(format!(
             "{{\"success\":{},\"status_code\":{},\"status_message\":{}}}",
             self.success, self.status_code, message
@@ -224,7 +327,10 @@ mod tests {
         let seed = seed_rows();
         assert_eq!(seed.len(), TABLE.len());
         for (status, (code, http, message)) in TABLE.iter().zip(&seed) {
-            assert_eq!((status.code, status.http, status.message), (*code, *http, message.as_str()));
+            assert_eq!(
+                (status.code, status.http, status.message),
+                (*code, *http, message.as_str())
+            );
         }
     }
 
@@ -237,10 +343,14 @@ mod tests {
 
     #[test]
     fn body_has_all_three_fields() {
-        let json: serde_json::Value = serde_json::from_slice(&ErrorBody::for_code(34).to_json()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&ErrorBody::for_code(34).to_json()).unwrap();
         assert_eq!(json["success"], false);
         assert_eq!(json["status_code"], 34);
-        assert_eq!(json["status_message"], "The resource you requested could not be found.");
+        assert_eq!(
+            json["status_message"],
+            "The resource you requested could not be found."
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::time::Instant;
 
-pub use pool::{LeasedBody, Lease};
+pub use pool::{Lease, LeasedBody};
 use pool::{Pool, chain};
 
 use crate::config::UpstreamConfig;
@@ -85,7 +85,13 @@ impl Upstream {
             .wrap_connector(http);
         let max = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
         Ok(Self {
-            pool: Pool::new(https, cfg.base_url.clone(), max, cfg.connect_timeout, cfg.idle_timeout),
+            pool: Pool::new(
+                https,
+                cfg.base_url.clone(),
+                max,
+                cfg.connect_timeout,
+                cfg.idle_timeout,
+            ),
             base: cfg.base_url.clone(),
             request_timeout: cfg.request_timeout,
         })

@@ -204,7 +204,9 @@ pub struct Lease {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("reused", &self.reused).finish()
+        f.debug_struct("Lease")
+            .field("reused", &self.reused)
+            .finish()
     }
 }
 
@@ -236,9 +238,10 @@ impl Lease {
                 (true, Some(req)) => {
                     tracing::debug!(error = %chain(error.error()), "pooled connection was stale; reconnecting");
                     drop(sender);
-                    let fresh = self.pool.upgrade().ok_or_else(|| {
-                        UpstreamError::Failed("connection pool closed".into())
-                    });
+                    let fresh = self
+                        .pool
+                        .upgrade()
+                        .ok_or_else(|| UpstreamError::Failed("connection pool closed".into()));
                     match fresh {
                         Ok(pool) => match pool.connect().await {
                             Ok(mut sender) => sender

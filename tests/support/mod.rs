@@ -53,7 +53,10 @@ impl Drop for Running {
 /// Parses `toml` (with `base_url` pointed at `upstream`) and starts the proxy on 127.0.0.1:0.
 pub async fn spawn_proxy(toml: &str, upstream: &str) -> Running {
     let mut env = HashMap::new();
-    env.insert("TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(), upstream.to_owned());
+    env.insert(
+        "TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(),
+        upstream.to_owned(),
+    );
     let cfg = Config::from_toml_with_env(toml, Some(env)).expect("test config is valid");
     spawn_with(cfg).await
 }
@@ -150,7 +153,12 @@ pub async fn get(client: &TestClient, url: &str) -> Reply {
 
 /// The exact code-25 body for `limit`, whatever the count.
 pub fn assert_code_25(reply: &Reply, limit: u32) {
-    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text()
+    );
     assert_eq!(
         reply.header("content-type"),
         Some("application/json;charset=utf-8")
