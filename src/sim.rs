@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -40,6 +41,8 @@ pub struct Arrival {
     /// The `api_key` parameter, else the bearer token, as sent.
     pub credential: Option<String>,
     pub headers: HeaderMap,
+    /// The request body, read whole.
+    pub body: Bytes,
 }
 
 /// How the stand-in answers one path.
@@ -209,6 +212,13 @@ async fn accept_loop(
 
 async fn answer(req: Request<Incoming>, cfg: &SimConfig, state: &State) -> Response<SimBody> {
     let now = Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let req = Request::from_parts(parts, ());
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let credential = query
@@ -223,6 +233,7 @@ async fn answer(req: Request<Incoming>, cfg: &SimConfig, state: &State) -> Respo
         query: query.clone(),
         credential: credential.clone(),
         headers: req.headers().clone(),
+        body,
     });
 
     if !cfg.latency.is_zero() {

@@ -79,6 +79,30 @@ async fn keyed_request_is_forwarded_and_response_comes_back_intact() {
 }
 
 #[tokio::test]
+async fn request_bodies_are_forwarded() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let body = r#"{"value":8.5}"#;
+    let req = Request::post(proxy.url("/3/movie/550/rating?api_key=K&session_id=S"))
+        .header("content-type", "application/json;charset=utf-8")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.status(), 404, "the stand-in has no rating route");
+    let seen = &sim.arrivals()[0];
+    assert_eq!(seen.method, http::Method::POST);
+    assert_eq!(seen.body, body.as_bytes());
+    assert_eq!(
+        seen.headers["content-length"],
+        body.len().to_string().as_str()
+    );
+}
+
+#[tokio::test]
 async fn compressed_bodies_pass_through_untouched() {
     let gz = Bytes::from_static(&[0x1f, 0x8b, 0x08, 0x00, 0xde, 0xad, 0xbe, 0xef, 0x00, 0xff]);
     let mut cfg = SimConfig::default();

@@ -112,8 +112,12 @@ impl Proxy {
                         self.shared.limit.legacy_headers,
                     );
                 }
-                if !matches!(error, ProxyError::RateLimited(_)) {
-                    tracing::warn!(%method, %path, error = %error, "request failed");
+                match &error {
+                    ProxyError::Upstream(_) => {
+                        tracing::warn!(%method, %path, error = %error, "upstream request failed");
+                    }
+                    ProxyError::RateLimited(_) => {}
+                    _ => tracing::debug!(%method, %path, error = %error, "request refused"),
                 }
                 response
             }
