@@ -112,10 +112,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Sim {
     /// Starts on `listener` and serves until dropped.
     pub fn start(listener: TcpListener, cfg: SimConfig) -> std::io::Result<Self> {
+        Self::spawn(listener, cfg, None)
+    }
+
+    /// Starts on `listener`, speaking HTTPS with `tls` (tests of the proxy's upstream TLS).
+    pub fn start_tls(
+        listener: TcpListener,
+        cfg: SimConfig,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        Self::spawn(listener, cfg, Some(tokio_rustls::TlsAcceptor::from(tls)))
+    }
+
+    fn spawn(
+        listener: TcpListener,
+        cfg: SimConfig,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(accept_loop(listener, Arc::new(cfg), state.clone(), stopped));
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::new(cfg),
+            state.clone(),
+            stopped,
+            tls,
+        ));
         Ok(Self {
             addr,
             state,
@@ -183,6 +206,7 @@ async fn accept_loop(
     cfg: Arc<SimConfig>,
     state: Arc<State>,
     mut stopped: oneshot::Receiver<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let (stream, _) = tokio::select! {
@@ -195,19 +219,33 @@ async fn accept_loop(
         let open = state.open.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_open.fetch_max(open, Ordering::SeqCst);
         state.accepted.fetch_add(1, Ordering::SeqCst);
-        let (cfg, state) = (cfg.clone(), state.clone());
+        let (cfg, state, tls) = (cfg.clone(), state.clone(), tls.clone());
         tokio::spawn(async move {
-            let svc_state = state.clone();
-            let service = service_fn(move |req| {
-                let (cfg, state) = (cfg.clone(), svc_state.clone());
-                async move { Ok::<_, Infallible>(answer(req, &cfg, &state).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        serve(stream, cfg, state.clone()).await;
+                    }
+                }
+                None => serve(stream, cfg, state.clone()).await,
+            }
             state.open.fetch_sub(1, Ordering::SeqCst);
         });
     }
+}
+
+/// Serves one connection, HTTP/1.1 or HTTP/2.
+async fn serve<IO>(io: IO, cfg: Arc<SimConfig>, state: Arc<State>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let (cfg, state) = (cfg.clone(), state.clone());
+        async move { Ok::<_, Infallible>(answer(req, &cfg, &state).await) }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 async fn answer(req: Request<Incoming>, cfg: &SimConfig, state: &State) -> Response<SimBody> {

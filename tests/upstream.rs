@@ -1,0 +1,111 @@
+//! The upstream side: HTTPS with an extra trust root, and failures turned into TMDB bodies.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use tmdb_proxy::sim::{Route, Sim, SimConfig};
+use tokio::net::TcpListener;
+
+/// A self-signed certificate for 127.0.0.1, written as PEM to a temporary file.
+struct TestCert {
+    server: Arc<rustls::ServerConfig>,
+    pem_path: std::path::PathBuf,
+}
+
+fn test_cert(name: &str) -> TestCert {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert_der = certified.cert.der().clone();
+    let key_der =
+        rustls_pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der], key_der)
+        .unwrap();
+    let pem_path =
+        std::env::temp_dir().join(format!("tmdb-proxy-{name}-{}.pem", std::process::id()));
+    std::fs::write(&pem_path, certified.cert.pem()).unwrap();
+    TestCert {
+        server: Arc::new(server),
+        pem_path,
+    }
+}
+
+async fn tls_sim(cert: &TestCert) -> Sim {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Sim::start_tls(listener, SimConfig::default(), cert.server.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn https_upstream_trusted_through_ca_file() {
+    let cert = test_cert("trusted");
+    let sim = tls_sim(&cert).await;
+    let toml = format!("[upstream]\nca_file = \"{}\"\n", cert.pem_path.display());
+    let proxy = spawn_proxy(&toml, &format!("https://127.0.0.1:{}", sim.addr().port())).await;
+    let client = http1_client();
+    for id in [550, 551, 552] {
+        let reply = get(&client, &proxy.url(&format!("/3/movie/{id}?api_key=TLS"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["id"], id);
+    }
+    // Keep-alive: one TLS connection served all three.
+    assert_eq!(sim.accepted_connections(), 1);
+    let _ = std::fs::remove_file(&cert.pem_path);
+}
+
+#[tokio::test]
+async fn https_upstream_with_an_untrusted_certificate_is_a_502_code_43() {
+    let cert = test_cert("untrusted");
+    let sim = tls_sim(&cert).await;
+    let proxy = spawn_proxy("", &format!("https://127.0.0.1:{}", sim.addr().port())).await;
+    let reply = get(&http1_client(), &proxy.url("/3/movie/1?api_key=TLS")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        reply.text(),
+        r#"{"success":false,"status_code":43,"status_message":"Couldn’t connect to the backend server."}"#
+    );
+    assert_eq!(sim.hits(), 0);
+    let _ = std::fs::remove_file(&cert.pem_path);
+}
+
+#[tokio::test]
+async fn refused_connection_is_a_502_code_43() {
+    // Bind then drop to get a port nothing listens on.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = spawn_proxy("", &format!("http://127.0.0.1:{port}")).await;
+    let reply = get(&http1_client(), &proxy.url("/3/movie/1?api_key=REFUSED")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.json()["status_code"], 43);
+    assert_eq!(reply.json()["success"], false);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json;charset=utf-8")
+    );
+    // A keyed response, so it carries the rate-limit fields too.
+    assert!(reply.header("ratelimit").is_some());
+}
+
+#[tokio::test]
+async fn stalled_upstream_is_a_504_code_24_after_request_timeout() {
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert("/3/stall".into(), Route::Stall);
+    let sim = sim_with(cfg).await;
+    let proxy = spawn_proxy("[upstream]\nrequest_timeout = \"300ms\"\n", &sim.url()).await;
+    let started = tokio::time::Instant::now();
+    let reply = get(&http1_client(), &proxy.url("/3/stall?api_key=SLOW")).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(
+        reply.text(),
+        r#"{"success":false,"status_code":24,"status_message":"Your request to the backend server timed out. Try again."}"#
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(sim.hits(), 1);
+}
