@@ -17,6 +17,8 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
+pub use crate::tmdb::rules::QuotaSavers;
+
 /// Default client listener address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default upstream: TMDB's public API host.
@@ -46,6 +48,8 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 10_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log filter (overridden by `RUST_LOG` when that is set).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default path prefixes forwarded upstream: TMDB's v3 and v4 APIs.
+pub const DEFAULT_PATHS: [&str; 2] = ["/3/", "/4/"];
 /// Prefix of environment overrides: `TMDB_PROXY__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "TMDB_PROXY";
 
@@ -90,6 +94,25 @@ struct RawConfig {
     limit: RawLimit,
     keys: RawKeys,
     log: RawLog,
+    quota_savers: RawQuotaSavers,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawQuotaSavers {
+    page: bool,
+    dates: bool,
+    append_to_response: bool,
+}
+
+impl Default for RawQuotaSavers {
+    fn default() -> Self {
+        Self {
+            page: true,
+            dates: true,
+            append_to_response: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +149,25 @@ struct RawUpstream {
     max_connections: u32,
     #[serde(with = "humantime_serde")]
     idle_timeout: Duration,
+    paths: StringList,
+}
+
+/// A list given as a TOML array, or as one comma-separated string (how an environment variable
+/// carries it: `TMDB_PROXY__UPSTREAM__PATHS=/3/,/4/`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringList {
+    List(Vec<String>),
+    Joined(String),
+}
+
+impl StringList {
+    fn into_items(self) -> Vec<String> {
+        match self {
+            Self::List(items) => items,
+            Self::Joined(joined) => joined.split(',').map(str::to_owned).collect(),
+        }
+    }
 }
 
 impl Default for RawUpstream {
@@ -137,6 +179,7 @@ impl Default for RawUpstream {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_connections: DEFAULT_UPSTREAM_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            paths: StringList::List(DEFAULT_PATHS.iter().map(|p| (*p).to_owned()).collect()),
         }
     }
 }
@@ -199,6 +242,7 @@ pub struct Config {
     pub limit: LimitConfig,
     pub keys: KeysConfig,
     pub log: LogConfig,
+    pub quota_savers: QuotaSavers,
 }
 
 /// The client-facing listener.
@@ -229,6 +273,8 @@ pub struct UpstreamConfig {
     pub max_connections: NonZeroU32,
     /// Idle pooled connections are closed after this.
     pub idle_timeout: Duration,
+    /// Path prefixes forwarded; anything else gets 404 (code 34). Empty: every path.
+    pub paths: Vec<String>,
 }
 
 /// How requests queue when a key is over its limit.
@@ -344,6 +390,11 @@ impl Config {
             limit: validate_limit(raw.limit)?,
             keys: validate_keys(raw.keys)?,
             log: validate_log(raw.log)?,
+            quota_savers: QuotaSavers {
+                page: raw.quota_savers.page,
+                dates: raw.quota_savers.dates,
+                append_to_response: raw.quota_savers.append_to_response,
+            },
         })
     }
 }
@@ -411,8 +462,23 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             Some(path)
         }
     };
+    let mut paths = Vec::new();
+    for path in raw.paths.into_items() {
+        let path = path.trim();
+        if path.is_empty() {
+            continue;
+        }
+        if !path.starts_with('/') {
+            return Err(invalid(
+                "upstream.paths",
+                format!("`{path}` must start with / (e.g. \"/3/\")"),
+            ));
+        }
+        paths.push(path.to_owned());
+    }
     Ok(UpstreamConfig {
         base_url: uri,
+        paths,
         ca_file,
         connect_timeout: positive("upstream.connect_timeout", raw.connect_timeout)?,
         request_timeout: positive("upstream.request_timeout", raw.request_timeout)?,
@@ -641,6 +707,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("max_wait"), "{msg}");
+    }
+
+    #[test]
+    fn paths_and_savers_from_file_and_environment() {
+        let cfg = Config::from_toml_str("").unwrap();
+        assert_eq!(cfg.upstream.paths, ["/3/", "/4/"]);
+        assert_eq!(cfg.quota_savers, QuotaSavers::ALL);
+        let cfg = Config::from_toml_with_env(
+            "[upstream]\npaths = []\n[quota_savers]\npage = false\n",
+            env(&[("TMDB_PROXY__QUOTA_SAVERS__DATES", "false")]),
+        )
+        .unwrap();
+        assert!(cfg.upstream.paths.is_empty());
+        assert!(
+            !cfg.quota_savers.page
+                && !cfg.quota_savers.dates
+                && cfg.quota_savers.append_to_response
+        );
+        let cfg =
+            Config::from_toml_with_env("", env(&[("TMDB_PROXY__UPSTREAM__PATHS", "/3/,/4/list/")]))
+                .unwrap();
+        assert_eq!(cfg.upstream.paths, ["/3/", "/4/list/"]);
+        let msg = Config::from_toml_str("[upstream]\npaths = [\"3/\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("upstream.paths"), "{msg}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! every failure a client sees is a TMDB status body from the table in [`crate::tmdb::status`].
 
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Method, Response};
+use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::limiter::Rejection;
 use crate::proxy::body::ProxyBody;
@@ -28,6 +28,19 @@ pub enum ProxyError {
     /// An absolute-form request target naming a host other than the upstream.
     #[error("request target names a host other than the upstream")]
     ForeignTarget,
+    /// A path outside `upstream.paths`.
+    #[error("path is outside the forwarded API paths")]
+    PathNotAllowed,
+    /// A request TMDB is documented to refuse (bad `page`, date, too many appends), answered
+    /// locally with TMDB's code.
+    #[error("request refused locally with TMDB code {0}")]
+    Refused(u16),
+    /// The upstream answered an error status with a body that is not TMDB's.
+    #[error("upstream answered {status} with a body that is not TMDB's")]
+    UpstreamStatus { status: StatusCode, code: u16 },
+    /// The upstream answered 429 with a body that is not TMDB's.
+    #[error("upstream answered 429")]
+    UpstreamRateLimited(Rejection),
     /// The upstream could not be reached or did not answer in time.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -41,9 +54,16 @@ impl ProxyError {
             Self::RateLimited(r) => ErrorBody::rate_limited(u64::from(r.count), u64::from(r.limit)),
             Self::MethodNotAllowed(_) => ErrorBody::for_code(code::METHOD_NOT_SUPPORTED),
             Self::ForeignTarget => ErrorBody::for_code(code::INVALID_INPUT),
-            Self::Upstream(UpstreamError::Timeout(_) | UpstreamError::ConnectTimeout) => {
-                ErrorBody::for_code(code::TIMED_OUT)
+            Self::PathNotAllowed => ErrorBody::for_code(code::NOT_FOUND),
+            Self::Refused(code) | Self::UpstreamStatus { code, .. } => ErrorBody::for_code(*code),
+            Self::UpstreamRateLimited(r) => {
+                ErrorBody::rate_limited(u64::from(r.count), u64::from(r.limit))
             }
+            Self::Upstream(
+                UpstreamError::Timeout(_)
+                | UpstreamError::ConnectTimeout
+                | UpstreamError::BodyTimeout,
+            ) => ErrorBody::for_code(code::TIMED_OUT),
             Self::Upstream(UpstreamError::Failed(_)) => ErrorBody::for_code(code::BAD_GATEWAY),
         }
     }
@@ -55,7 +75,7 @@ impl ProxyError {
         *response.status_mut() = body.http;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(status::CONTENT_TYPE));
-        if let Self::RateLimited(r) = self {
+        if let Self::RateLimited(r) | Self::UpstreamRateLimited(r) = self {
             headers.insert(
                 RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(r.retry_after)),

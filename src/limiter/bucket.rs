@@ -79,6 +79,8 @@ pub struct Bucket {
     pace: Option<Nanos>,
     /// Last time a request found every token spent.
     dry_at: Nanos,
+    /// No request is admitted before this (the upstream answered 429 and said when to retry).
+    paused_until: Nanos,
 }
 
 impl Bucket {
@@ -109,6 +111,7 @@ impl Bucket {
         if let Some(tat) = self.pace {
             slot = slot.max(tat.saturating_sub(quota.pacing_tolerance()));
         }
+        slot = slot.max(self.paused_until);
         let held = self.spent.len();
         let cap = quota.capacity as usize;
         if held >= cap {
@@ -162,11 +165,22 @@ impl Bucket {
         }
     }
 
-    /// Whether every token has refilled by `now`: such a bucket holds no information.
+    /// Admits nothing before `until`. Returns whether the bucket was not already paused at
+    /// `now` (so the caller can report each pause once).
+    pub fn pause(&mut self, now: Nanos, until: Nanos) -> bool {
+        let newly = self.paused_until <= now;
+        self.paused_until = self.paused_until.max(until);
+        newly
+    }
+
+    /// Whether every token has refilled by `now` and no pause is running: such a bucket holds no
+    /// information.
     pub fn is_idle(&self, now: Nanos, quota: Quota) -> bool {
-        self.spent
-            .back()
-            .is_none_or(|&last| last.saturating_add(quota.window) <= now)
+        self.paused_until <= now
+            && self
+                .spent
+                .back()
+                .is_none_or(|&last| last.saturating_add(quota.window) <= now)
     }
 
     /// Tokens currently held (spent or reserved), for tests and metrics.
@@ -356,6 +370,29 @@ mod tests {
                 .count();
             assert!(n >= 94, "{n} admitted in the 2 s from {start}");
         }
+    }
+
+    #[test]
+    fn paused_bucket_admits_nothing_until_the_pause_ends() {
+        let q = quota(50);
+        let mut b = Bucket::default();
+        admitted(b.acquire(0, q, 0));
+        assert!(b.pause(10 * MS, 1010 * MS));
+        assert!(
+            !b.pause(20 * MS, 500 * MS),
+            "already paused; the longer pause stands"
+        );
+        assert_eq!(
+            b.acquire(30 * MS, q, 0),
+            Decision::Deny {
+                count: 2,
+                next_free: 1010 * MS
+            }
+        );
+        assert!(!b.is_idle(1000 * MS, q));
+        // Queued requests wait for the end of the pause.
+        assert_eq!(admitted(b.acquire(40 * MS, q, SEC)), 1010 * MS);
+        assert_eq!(admitted(b.acquire(1020 * MS, q, 0)), 1020 * MS);
     }
 
     #[test]

@@ -126,6 +126,14 @@ impl Limiter {
         }
     }
 
+    /// Admits nothing for `key` during `duration` (the upstream answered 429). Returns whether the
+    /// key was not paused already, so each pause is reported once.
+    pub fn pause(&self, key: Key, duration: Duration) -> bool {
+        let now = self.now();
+        self.store
+            .pause(key, now, now.saturating_add(duration_nanos(duration)))
+    }
+
     /// Drops buckets of keys that have gone idle; returns how many remain.
     pub fn sweep(&self) -> usize {
         self.store.retain_recent(self.now(), self.quota)

@@ -30,6 +30,11 @@ impl Store {
         }
     }
 
+    /// Pauses `key` until `until`; returns whether it was not paused already.
+    pub fn pause(&self, key: Key, now: Nanos, until: Nanos) -> bool {
+        self.buckets.entry(key).or_default().pause(now, until)
+    }
+
     /// Drops buckets that have fully refilled by `now`; returns how many remain.
     pub fn retain_recent(&self, now: Nanos, quota: Quota) -> usize {
         self.buckets.retain(|_, bucket| !bucket.is_idle(now, quota));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
 
@@ -21,6 +21,7 @@ use crate::limiter::{Admission, Key, Limiter, Rejection};
 use crate::upstream::{BoxError, BuildError, Upstream};
 pub use body::ProxyBody;
 use headers::RateState;
+use phases::RequestRules;
 
 /// The proxy, cheap to clone: every connection holds one.
 #[derive(Debug, Clone)]
@@ -32,9 +33,9 @@ pub struct Proxy {
 struct Shared {
     limiter: Arc<Limiter>,
     upstream: Upstream,
-    upstream_base: Uri,
+    rules: RequestRules,
     limit: LimitConfig,
-    default_key: Option<(Key, Secret)>,
+    default_key: Option<Secret>,
 }
 
 /// A key's fingerprint in logs, `-` for a request without one.
@@ -65,16 +66,20 @@ impl Proxy {
         let limiter = Arc::new(Limiter::new(&cfg.limit));
         Limiter::spawn_sweeper(&limiter, cfg.limit.sweep_interval);
         let upstream = Upstream::new(&cfg.upstream)?;
-        let default_key = cfg
-            .keys
-            .default_api_key
-            .as_ref()
-            .map(|secret| (Key::from_credential(secret.expose()), secret.clone()));
+        let default_key = cfg.keys.default_api_key.clone();
+        let rules = RequestRules {
+            upstream: upstream.base().clone(),
+            default_key: default_key
+                .as_ref()
+                .map(|secret| Key::from_credential(secret.expose())),
+            paths: cfg.upstream.paths.clone(),
+            savers: cfg.quota_savers,
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 limiter,
-                upstream_base: upstream.base().clone(),
                 upstream,
+                rules,
                 limit: cfg.limit.clone(),
                 default_key,
             }),
@@ -148,9 +153,7 @@ impl Proxy {
     {
         let shared = &*self.shared;
         let (parts, body) = req.into_parts();
-        let default_key = shared.default_key.as_ref().map(|(key, _)| *key);
-        let identity = phases::request_filter(&parts, &shared.upstream_base, default_key)
-            .map_err(|e| (e, None))?;
+        let identity = phases::request_filter(&parts, &shared.rules).map_err(|e| (e, None))?;
         outcome.key = Some(identity.key);
 
         let rejected = |outcome: &mut Outcome, rejection: Rejection| {
@@ -190,8 +193,8 @@ impl Proxy {
             parts,
             body,
             identity,
-            &shared.upstream_base,
-            shared.default_key.as_ref().map(|(_, secret)| secret),
+            &shared.rules.upstream,
+            shared.default_key.as_ref(),
             client.ip(),
         )
         .map_err(|e| (e, Some(rate)))?;
@@ -199,10 +202,25 @@ impl Proxy {
         let result = shared.upstream.send(lease, upstream_req, deadline).await;
         outcome.upstream_latency = Some(sent.elapsed());
         let response = result.map_err(|e| (ProxyError::from(e), Some(rate)))?;
-        Ok(phases::response_filter(
-            response,
-            rate,
-            shared.limit.legacy_headers,
-        ))
+
+        // An upstream 429 means the budget was wrong (another consumer, a tighter limit): hold
+        // the key back for as long as the upstream asked instead of hammering it.
+        let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS)
+            .then(|| phases::upstream_retry_after(response.headers()));
+        if let Some(wait) = upstream_429 {
+            outcome.limited = true;
+            if shared.limiter.pause(identity.key, wait) {
+                tracing::warn!(
+                    key = %identity.key.fingerprint(),
+                    pause = ?wait,
+                    "upstream answered 429; pausing this key"
+                );
+            }
+        }
+        let mut response = phases::response_filter(response, rate, upstream_429, deadline)
+            .await
+            .map_err(|e| (e, Some(rate)))?;
+        headers::insert_rate_limit(response.headers_mut(), rate, shared.limit.legacy_headers);
+        Ok(response)
     }
 }

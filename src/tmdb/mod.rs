@@ -3,6 +3,7 @@
 //! Pure data and rewrite rules, no sockets. Anything TMDB-specific that other modules need
 //! (parameter names, the auth scheme, status bodies) is defined here once.
 
+pub mod rules;
 pub mod status;
 
 pub use status::{ErrorBody, Status};

@@ -204,16 +204,26 @@ pub mod code {
     pub const SERVICE_OFFLINE: u16 = 9;
     /// Internal error.
     pub const INTERNAL_ERROR: u16 = 11;
+    /// Invalid accept header.
+    pub const INVALID_ACCEPT_HEADER: u16 = 19;
+    /// Invalid page.
+    pub const INVALID_PAGE: u16 = 22;
+    /// Invalid date.
+    pub const INVALID_DATE: u16 = 23;
     /// Backend timed out.
     pub const TIMED_OUT: u16 = 24;
     /// Request count over the allowed limit.
     pub const RATE_LIMITED: u16 = 25;
+    /// Too many append to response objects.
+    pub const TOO_MANY_APPENDS: u16 = 27;
     /// Resource not found.
     pub const NOT_FOUND: u16 = 34;
     /// Method not supported.
     pub const METHOD_NOT_SUPPORTED: u16 = 42;
     /// Could not connect to the backend.
     pub const BAD_GATEWAY: u16 = 43;
+    /// The API is undergoing maintenance.
+    pub const MAINTENANCE: u16 = 46;
     /// The input is not valid.
     pub const INVALID_INPUT: u16 = 47;
 }

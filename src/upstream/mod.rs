@@ -49,6 +49,9 @@ pub enum UpstreamError {
     /// TCP connect plus TLS handshake exceeded `connect_timeout`.
     #[error("connecting to the upstream timed out")]
     ConnectTimeout,
+    /// An error body did not arrive within `request_timeout`.
+    #[error("upstream error body did not arrive in time")]
+    BodyTimeout,
     /// Refused, unresolvable, TLS failure, reset, or a reply that is not HTTP.
     #[error("upstream request failed: {0}")]
     Failed(String),
