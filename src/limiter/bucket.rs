@@ -138,10 +138,11 @@ impl Bucket {
         self.refill(now, quota);
         let at = self.next_slot(now, quota);
         if at - now > max_wait {
+            // Refused while paced or paused, a request may find tokens in hand; it still counts
+            // as over the limit, so the reported count always exceeds it.
+            let held = u32::try_from(self.spent.len()).unwrap_or(u32::MAX);
             return Decision::Deny {
-                count: u32::try_from(self.spent.len())
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(1),
+                count: held.max(quota.capacity).saturating_add(1),
                 next_free: at,
             };
         }
@@ -385,7 +386,7 @@ mod tests {
         assert_eq!(
             b.acquire(30 * MS, q, 0),
             Decision::Deny {
-                count: 2,
+                count: 51,
                 next_free: 1010 * MS
             }
         );

@@ -91,6 +91,11 @@ impl Proxy {
         &self.shared.limiter
     }
 
+    /// The upstream client, for inspection (tests, metrics).
+    pub fn upstream(&self) -> &Upstream {
+        &self.shared.upstream
+    }
+
     /// Answers one client request. Never fails: every error becomes a TMDB status body.
     pub async fn handle<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
     where
@@ -207,8 +212,11 @@ impl Proxy {
         // the key back for as long as the upstream asked instead of hammering it.
         let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS)
             .then(|| phases::upstream_retry_after(response.headers()));
+        let mut rate = rate;
         if let Some(wait) = upstream_429 {
             outcome.limited = true;
+            rate.remaining = 0;
+            rate.reset_after = wait;
             if shared.limiter.pause(identity.key, wait) {
                 tracing::warn!(
                     key = %identity.key.fingerprint(),

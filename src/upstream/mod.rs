@@ -105,6 +105,11 @@ impl Upstream {
         &self.base
     }
 
+    /// Response bodies that broke after their headers had been passed on.
+    pub fn broken_bodies(&self) -> u64 {
+        self.pool.broken_bodies()
+    }
+
     /// The deadline for a request's response headers, starting now.
     pub fn deadline(&self) -> Instant {
         Instant::now() + self.request_timeout

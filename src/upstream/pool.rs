@@ -11,6 +11,7 @@
 //! connection, and only when no idle one is usable, so busy + idle connections never exceed the cap.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub(super) struct Inner {
     leases: Arc<Semaphore>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Response bodies that broke after their headers had gone to the client.
+    broken_bodies: AtomicU64,
 }
 
 /// The pool. Cheap to clone.
@@ -82,9 +85,15 @@ impl Pool {
             leases: Arc::new(Semaphore::new(max_connections)),
             connect_timeout,
             idle_timeout,
+            broken_bodies: AtomicU64::new(0),
         });
         spawn_reaper(Arc::downgrade(&inner), idle_timeout);
         Self { inner }
+    }
+
+    /// Response bodies that broke mid-stream so far.
+    pub(super) fn broken_bodies(&self) -> u64 {
+        self.inner.broken_bodies.load(Ordering::Relaxed)
     }
 
     /// A ready connection: an idle one if any is usable, else a new one once a permit is free.
@@ -309,9 +318,16 @@ impl Body for LeasedBody {
                     lease.finish(true);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
-                // A connection that failed mid-body is not reused.
-                drop(this.lease.take());
+            Poll::Ready(Some(Err(error))) => {
+                // The client already has the headers, so it cannot get an error response: its
+                // connection is closed instead (hyper aborts it). The upstream connection is not
+                // reused.
+                if let Some(lease) = this.lease.take() {
+                    if let Some(pool) = lease.pool.upgrade() {
+                        pool.broken_bodies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(error = %chain(error), "upstream response body broke mid-stream; closing the client connection");
+                }
             }
             _ => {}
         }
