@@ -48,6 +48,8 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 10_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log filter (overridden by `RUST_LOG` when that is set).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default admin listener (health, readiness, metrics): loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default path prefixes forwarded upstream: TMDB's v3 and v4 APIs.
 pub const DEFAULT_PATHS: [&str; 2] = ["/3/", "/4/"];
 /// Prefix of environment overrides: `TMDB_PROXY__SECTION__KEY`.
@@ -95,6 +97,21 @@ struct RawConfig {
     keys: RawKeys,
     log: RawLog,
     quota_savers: RawQuotaSavers,
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,18 +233,22 @@ impl Default for RawLimit {
 struct RawKeys {
     default_api_key: String,
     default_api_key_file: String,
+    /// Alias name → API key (or bearer token), for per-key metrics and overrides.
+    aliases: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     level: String,
+    format: String,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
         Self {
             level: DEFAULT_LOG_LEVEL.to_owned(),
+            format: "text".to_owned(),
         }
     }
 }
@@ -243,6 +264,13 @@ pub struct Config {
     pub keys: KeysConfig,
     pub log: LogConfig,
     pub quota_savers: QuotaSavers,
+    pub admin: AdminConfig,
+}
+
+/// The admin listener: `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
 }
 
 /// The client-facing listener.
@@ -308,6 +336,8 @@ pub struct LimitConfig {
 pub struct KeysConfig {
     /// Injected into requests that carry no key of their own.
     pub default_api_key: Option<Secret>,
+    /// Operator-chosen names for keys: the only way a key appears in metrics.
+    pub aliases: Vec<(String, Secret)>,
 }
 
 /// Logging.
@@ -315,6 +345,16 @@ pub struct KeysConfig {
 pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, span fields (the request id) included.
+    Json,
 }
 
 /// A secret string whose `Debug` and `Display` never show it.
@@ -390,6 +430,9 @@ impl Config {
             limit: validate_limit(raw.limit)?,
             keys: validate_keys(raw.keys)?,
             log: validate_log(raw.log)?,
+            admin: AdminConfig {
+                listen: parse_listen("admin.listen", &raw.admin.listen)?,
+            },
             quota_savers: QuotaSavers {
                 page: raw.quota_savers.page,
                 dates: raw.quota_savers.dates,
@@ -399,18 +442,20 @@ impl Config {
     }
 }
 
-fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
-    let listen = raw.listen.trim().parse::<SocketAddr>().map_err(|_| {
+fn parse_listen(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse::<SocketAddr>().map_err(|_| {
         invalid(
-            "server.listen",
+            key,
             format!(
-                "`{}` is not an IP address with a port (expected e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")",
-                raw.listen
+                "`{value}` is not an IP address with a port (expected e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"
             ),
         )
-    })?;
+    })
+}
+
+fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
-        listen,
+        listen: parse_listen("server.listen", &raw.listen)?,
         max_connections: non_zero("server.max_connections", raw.max_connections)?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
         shutdown_timeout: raw.shutdown_timeout,
@@ -578,8 +623,31 @@ fn validate_keys(raw: RawKeys) -> Result<KeysConfig, ConfigError> {
             "the key contains whitespace or control characters",
         ));
     }
+    let mut aliases = Vec::with_capacity(raw.aliases.len());
+    for (alias, key) in raw.aliases {
+        let valid_name = !alias.is_empty()
+            && alias.len() <= 64
+            && alias
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(invalid(
+                "keys.aliases",
+                format!("alias `{alias}` must be 1-64 letters, digits, `_` or `-`"),
+            ));
+        }
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(invalid(
+                "keys.aliases",
+                format!("alias `{alias}` names an empty key"),
+            ));
+        }
+        aliases.push((alias, Secret(key.to_owned())));
+    }
     Ok(KeysConfig {
         default_api_key: key.map(Secret),
+        aliases,
     })
 }
 
@@ -591,7 +659,17 @@ fn validate_log(raw: RawLog) -> Result<LogConfig, ConfigError> {
             "empty; expected a level such as \"info\" or a filter such as \"tmdb_proxy=debug\"",
         ));
     }
-    Ok(LogConfig { level })
+    let format = match raw.format.trim().to_ascii_lowercase().as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!("`{other}` is not a format; expected \"text\" or \"json\""),
+            ));
+        }
+    };
+    Ok(LogConfig { level, format })
 }
 
 fn non_zero(key: &'static str, value: u32) -> Result<NonZeroU32, ConfigError> {

@@ -13,13 +13,17 @@
 //!   header names, and the response body type.
 //! - [`upstream`]: the pooled rustls client with its connection cap and timeouts.
 //! - [`tmdb`]: TMDB facts: parameter names and the status code table.
+//! - [`metrics`]: Prometheus metric names and record functions.
+//! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/metrics`.
 //! - [`server`]: accept loop, connection cap, graceful shutdown, signals.
 //! - [`sim`]: an in-process TMDB stand-in for tests and offline demos (`tmdb-sim`).
 //! - [`telemetry`]: logging setup.
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod limiter;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sim;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tmdb_proxy::{Config, Proxy, server, telemetry};
+use tmdb_proxy::{Config, Proxy, admin, server, telemetry};
 
 /// Exit code for an invalid configuration (EX_CONFIG would be 78; EX_USAGE-style 64 is what
 /// service managers commonly treat as "do not restart").
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         eprintln!("{cfg:#?}");
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&cfg.log.level);
+    telemetry::init(&cfg.log.level, cfg.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,13 +71,29 @@ async fn serve(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let admin_listener = match tokio::net::TcpListener::bind(cfg.admin.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(listen = %cfg.admin.listen, %error, "cannot bind the admin listener");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
     tracing::info!(
         listen = %cfg.server.listen,
+        admin = %cfg.admin.listen,
         upstream = %cfg.upstream.base_url,
         requests_per_second = cfg.limit.requests_per_second.get(),
         mode = ?cfg.limit.mode,
         "tmdb-proxy listening"
     );
+    // The admin listener outlives the client listener, so /readyz can report the drain.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(admin::run(admin_listener, proxy.clone(), async {
+        let _ = admin_stopped.await;
+    }));
     server::run(listener, proxy, &cfg.server, server::shutdown::signal()).await;
+    let _ = admin_stop.send(());
+    let _ = admin.await;
+    tracing::info!("tmdb-proxy stopped");
     ExitCode::SUCCESS
 }

@@ -4,9 +4,11 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+use crate::config::LogFormat;
+
 /// Installs the global subscriber. A bad filter falls back to `info` with a warning rather than
 /// refusing to start.
-pub fn init(level: &str) {
+pub fn init(level: &str, format: LogFormat) {
     let (filter, bad) = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => match EnvFilter::try_new(&env) {
             Ok(f) => (f, None),
@@ -17,11 +19,19 @@ pub fn init(level: &str) {
             Err(e) => (EnvFilter::new("info"), Some(format!("log.level: {e}"))),
         },
     };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
     if let Some(message) = bad {
         tracing::warn!(%message, "invalid log filter; using info");
     }

@@ -27,7 +27,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tmdb_proxy::telemetry::init("info");
+    tmdb_proxy::telemetry::init("info", tmdb_proxy::config::LogFormat::Text);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(error) => {

@@ -8,9 +8,11 @@ pub mod bucket;
 pub mod key;
 pub mod store;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::LimitConfig;
@@ -55,6 +57,10 @@ pub struct Limiter {
     epoch: Instant,
     /// How far a token's stamp may lie before the moment its request is sent (half the margin).
     tolerance: Nanos,
+    /// Requests asleep in a queue now.
+    waiting: AtomicUsize,
+    /// Set when the proxy drains for shutdown: no queued slot may end after this.
+    drain: watch::Sender<Option<Nanos>>,
 }
 
 // === impl Limiter ===
@@ -72,6 +78,8 @@ impl Limiter {
             max_wait: duration_nanos(cfg.max_wait),
             epoch: Instant::now(),
             tolerance: duration_nanos(cfg.window_margin / 2),
+            waiting: AtomicUsize::new(0),
+            drain: watch::Sender::new(None),
         }
     }
 
@@ -92,8 +100,25 @@ impl Limiter {
         })
     }
 
+    /// Requests asleep in a queue now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Shutdown: from now on no request waits past `deadline`, and queued requests whose turn
+    /// would come later are woken and refused (429, code 25) instead of being cut off.
+    pub fn drain(&self, deadline: Instant) {
+        let deadline = duration_nanos(deadline.saturating_duration_since(self.epoch));
+        self.drain.send_replace(Some(deadline));
+    }
+
     /// Stamps a token at `now` (or at the first free slot within `max_wait`, waiting for it).
     async fn admit(&self, key: Key, now: Nanos, max_wait: Nanos) -> Result<Admission, Rejection> {
+        let mut drained = self.drain.subscribe();
+        let max_wait = match *drained.borrow_and_update() {
+            Some(deadline) => max_wait.min(deadline.saturating_sub(now)),
+            None => max_wait,
+        };
         match self.store.check_at(key, now, self.quota, max_wait) {
             Decision::Deny { count, next_free } => Err(Rejection {
                 limit: self.quota.capacity,
@@ -107,12 +132,30 @@ impl Limiter {
             } => {
                 if at > now {
                     let slot = QueuedSlot {
-                        store: &self.store,
+                        limiter: self,
                         key,
                         at,
                         armed: true,
                     };
-                    tokio::time::sleep_until(self.epoch + Duration::from_nanos(at)).await;
+                    self.waiting.fetch_add(1, Ordering::Relaxed);
+                    let wake = tokio::time::sleep_until(self.epoch + Duration::from_nanos(at));
+                    tokio::pin!(wake);
+                    loop {
+                        tokio::select! {
+                            () = &mut wake => break,
+                            changed = drained.changed() => {
+                                let cut = *drained.borrow_and_update();
+                                if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
+                                    // Dropping the slot gives it back.
+                                    return Err(Rejection {
+                                        limit: self.quota.capacity,
+                                        count: self.quota.capacity.saturating_add(1),
+                                        retry_after: Duration::from_nanos(at.saturating_sub(self.now())),
+                                    });
+                                }
+                            }
+                        }
+                    }
                     slot.used();
                 }
                 Ok(Admission {
@@ -220,7 +263,7 @@ impl Drop for Ticket<'_> {
 
 /// A queued slot that is returned to its bucket unless the request actually went.
 struct QueuedSlot<'a> {
-    store: &'a Store,
+    limiter: &'a Limiter,
     key: Key,
     at: Nanos,
     armed: bool,
@@ -234,8 +277,9 @@ impl QueuedSlot<'_> {
 
 impl Drop for QueuedSlot<'_> {
     fn drop(&mut self) {
+        self.limiter.waiting.fetch_sub(1, Ordering::Relaxed);
         if self.armed {
-            self.store.release(self.key, self.at);
+            self.limiter.store.release(self.key, self.at);
         }
     }
 }
@@ -318,6 +362,27 @@ mod tests {
         // Its slot (at 1.05 s) is free again, so this one fits within max_wait.
         let admitted = l.acquire(k).await.unwrap().sent();
         assert_eq!(admitted.waited, Duration::from_millis(950));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_refuses_waiters_whose_turn_is_after_the_deadline() {
+        let l = limiter("[limit]\nrequests_per_second = 1\nmax_wait = \"5s\"\n");
+        let k = Key::from_credential("k");
+        l.acquire(k).await.unwrap().sent();
+        let (l2, l3) = (l.clone(), l.clone());
+        // Two waiters: turns at 1.05 s and 2.1 s.
+        let first = tokio::spawn(async move { l2.acquire(k).await.map(|t| t.sent()) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = tokio::spawn(async move { l3.acquire(k).await.map(|t| t.sent()) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(l.waiting(), 2);
+        l.drain(Instant::now() + Duration::from_millis(1500));
+        // The second is refused at once; the first still gets its turn within the grace.
+        assert!(second.await.unwrap().is_err());
+        assert!(first.await.unwrap().is_ok());
+        assert_eq!(l.waiting(), 0);
+        // New requests may not wait past the deadline either.
+        assert!(l.acquire(k).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,6 +16,8 @@ pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelim
 pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 /// `X-Forwarded-For`, appended with the client's address.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Request-Id`: kept from the client when well-formed, generated otherwise, echoed back.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Non-standard but still sent by some clients; hop-by-hop like `Connection`.
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -45,6 +47,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+}
+
+/// Whether a client's request id is safe to keep: 1-128 characters of `A-Za-z0-9._:-`.
+pub fn is_valid_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=128).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Whole seconds for `Retry-After`: rounded up, at least 1 (clients sleep on it; 0 makes them spin).

@@ -6,21 +6,26 @@ pub mod body;
 pub mod headers;
 pub mod phases;
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::{Config, LimitConfig, Secret};
 use crate::error::ProxyError;
 use crate::limiter::{Admission, Key, Limiter, Rejection};
+use crate::metrics::{Metrics, Outcome};
 use crate::upstream::{BoxError, BuildError, Upstream};
 pub use body::ProxyBody;
-use headers::RateState;
+use headers::{RateState, X_REQUEST_ID};
 use phases::RequestRules;
 
 /// The proxy, cheap to clone: every connection holds one.
@@ -36,6 +41,29 @@ struct Shared {
     rules: RequestRules,
     limit: LimitConfig,
     default_key: Option<Secret>,
+    metrics: Metrics,
+    /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
+    aliases: HashMap<Key, Arc<str>>,
+    /// False once shutdown began: `/readyz` answers 503 so load balancers stop sending.
+    ready: AtomicBool,
+    /// Seed and counter for generated request ids.
+    id_seed: RandomState,
+    id_counter: AtomicU64,
+}
+
+/// The metric outcome of a request the proxy answered itself.
+fn outcome_of(error: &ProxyError) -> Outcome {
+    match error {
+        ProxyError::RateLimited(_) => Outcome::Limited,
+        ProxyError::MissingKey
+        | ProxyError::MethodNotAllowed(_)
+        | ProxyError::ForeignTarget
+        | ProxyError::PathNotAllowed
+        | ProxyError::Refused(_) => Outcome::RejectedInvalid,
+        ProxyError::Upstream(_)
+        | ProxyError::UpstreamStatus { .. }
+        | ProxyError::UpstreamRateLimited(_) => Outcome::UpstreamError,
+    }
 }
 
 /// A key's fingerprint in logs, `-` for a request without one.
@@ -51,7 +79,7 @@ impl std::fmt::Display for KeyLabel {
 }
 
 /// What the request log line says about one request.
-struct Outcome {
+struct RequestLog {
     key: Option<Key>,
     limited: bool,
     waited: Duration,
@@ -75,6 +103,17 @@ impl Proxy {
             paths: cfg.upstream.paths.clone(),
             savers: cfg.quota_savers,
         };
+        let aliases = cfg
+            .keys
+            .aliases
+            .iter()
+            .map(|(alias, secret)| {
+                (
+                    Key::from_credential(secret.expose()),
+                    Arc::from(alias.as_str()),
+                )
+            })
+            .collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 limiter,
@@ -82,6 +121,11 @@ impl Proxy {
                 rules,
                 limit: cfg.limit.clone(),
                 default_key,
+                metrics: Metrics::new(),
+                aliases,
+                ready: AtomicBool::new(true),
+                id_seed: RandomState::new(),
+                id_counter: AtomicU64::new(0),
             }),
         })
     }
@@ -96,8 +140,59 @@ impl Proxy {
         &self.shared.upstream
     }
 
-    /// Answers one client request. Never fails: every error becomes a TMDB status body.
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The metrics in Prometheus text format, gauges refreshed.
+    pub fn render_metrics(&self) -> String {
+        let shared = &*self.shared;
+        shared.metrics.render(
+            shared.limiter.waiting(),
+            shared.limiter.active_keys(),
+            shared.upstream.broken_bodies(),
+        )
+    }
+
+    /// Whether the proxy takes new work (false once draining).
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Relaxed)
+    }
+
+    /// Starts draining for shutdown: not ready any more, and no queued request waits past
+    /// `deadline` (those whose turn would come later get 429, code 25).
+    pub fn begin_drain(&self, deadline: Instant) {
+        self.shared.ready.store(false, Ordering::Relaxed);
+        self.shared.limiter.drain(deadline);
+    }
+
+    /// Answers one client request. Never fails: every error becomes a TMDB status body. The
+    /// request's id (its `X-Request-Id`, or a generated one) is on every log line of the request
+    /// and echoed in the response.
     pub async fn handle<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let id = match req.headers().get(&X_REQUEST_ID) {
+            Some(value) if headers::is_valid_request_id(value) => value.clone(),
+            _ => self.next_request_id(),
+        };
+        let span = tracing::info_span!("request", id = %id.to_str().unwrap_or_default());
+        let mut response = self.handle_in_span(req, client).instrument(span).await;
+        response.headers_mut().insert(X_REQUEST_ID, id);
+        response
+    }
+
+    fn next_request_id(&self) -> HeaderValue {
+        let n = self.shared.id_counter.fetch_add(1, Ordering::Relaxed);
+        let id = self.shared.id_seed.hash_one(n);
+        // Sixteen hex digits are always a valid header value.
+        HeaderValue::from_str(&format!("{id:016x}")).unwrap_or(HeaderValue::from_static("0"))
+    }
+
+    async fn handle_in_span<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
@@ -105,15 +200,23 @@ impl Proxy {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let mut outcome = Outcome {
+        let mut outcome = RequestLog {
             key: None,
             limited: false,
             waited: Duration::ZERO,
             upstream_latency: None,
         };
         let response = match self.process(req, client, &mut outcome).await {
-            Ok(response) => response,
+            Ok(response) => {
+                self.record(Outcome::Forwarded, None, outcome.key);
+                response
+            }
             Err((error, rate)) => {
+                self.record(
+                    outcome_of(&error),
+                    Some(error.body().status_code),
+                    outcome.key,
+                );
                 let mut response = error.into_response();
                 if let Some(rate) = rate {
                     headers::insert_rate_limit(
@@ -146,11 +249,16 @@ impl Proxy {
         response
     }
 
+    fn record(&self, outcome: Outcome, code: Option<u16>, key: Option<Key>) {
+        let alias = key.and_then(|k| self.shared.aliases.get(&k)).map(|a| &**a);
+        self.shared.metrics.record_request(outcome, code, alias);
+    }
+
     async fn process<B>(
         &self,
         req: Request<B>,
         client: SocketAddr,
-        outcome: &mut Outcome,
+        outcome: &mut RequestLog,
     ) -> Result<Response<ProxyBody>, (ProxyError, Option<RateState>)>
     where
         B: Body<Data = Bytes> + Send + Sync + 'static,
@@ -161,7 +269,7 @@ impl Proxy {
         let identity = phases::request_filter(&parts, &shared.rules).map_err(|e| (e, None))?;
         outcome.key = Some(identity.key);
 
-        let rejected = |outcome: &mut Outcome, rejection: Rejection| {
+        let rejected = |outcome: &mut RequestLog, rejection: Rejection| {
             outcome.limited = true;
             let rate = RateState {
                 limit: rejection.limit,
@@ -206,6 +314,9 @@ impl Proxy {
         let sent = Instant::now();
         let result = shared.upstream.send(lease, upstream_req, deadline).await;
         outcome.upstream_latency = Some(sent.elapsed());
+        if result.is_ok() {
+            shared.metrics.record_upstream_latency(sent.elapsed());
+        }
         let response = result.map_err(|e| (ProxyError::from(e), Some(rate)))?;
 
         // An upstream 429 means the budget was wrong (another consumer, a tighter limit): hold
@@ -214,6 +325,7 @@ impl Proxy {
             .then(|| phases::upstream_retry_after(response.headers()));
         let mut rate = rate;
         if let Some(wait) = upstream_429 {
+            shared.metrics.record_upstream_429();
             outcome.limited = true;
             rate.remaining = 0;
             rate.reset_after = wait;

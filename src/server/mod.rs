@@ -59,6 +59,8 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        proxy.metrics().client_connected();
+        let counted = proxy.clone();
         let proxy = proxy.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
@@ -72,11 +74,13 @@ pub async fn run(
             if let Err(error) = conn.await {
                 tracing::debug!(%peer, error = %error, "client connection ended with an error");
             }
+            counted.metrics().client_disconnected();
             drop(permit);
         });
     }
 
     drop(listener);
+    proxy.begin_drain(tokio::time::Instant::now() + cfg.shutdown_timeout);
     tracing::info!(grace = ?cfg.shutdown_timeout, "stopped accepting; draining connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),

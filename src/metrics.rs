@@ -1,0 +1,231 @@
+//! Prometheus metrics: names, labels, and thin record functions. No logic.
+//!
+//! `prometheus-client` keeps no global registry, so each [`Metrics`] is self-contained and tests
+//! get fresh counters. Label values are bounded: outcomes and TMDB codes are fixed sets, and
+//! per-key series exist only for keys an operator gave an alias (`[keys.aliases]`), never for a raw
+//! key.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `Content-Type` of the `/metrics` answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What happened to a request, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream's answer was passed on (TMDB error JSON included).
+    Forwarded,
+    /// Answered 429 by the proxy's own limiter (or during an upstream-429 pause).
+    Limited,
+    /// Refused before spending a token: no key, bad page/date/appends, path, method, target.
+    RejectedInvalid,
+    /// The upstream failed or answered an error the proxy translated; labelled with the code.
+    UpstreamError,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Limited => "limited",
+            Self::RejectedInvalid => "rejected_invalid",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    outcome: &'static str,
+    /// The TMDB status code the client got ("" when the upstream's answer passed through).
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    alias: String,
+    outcome: &'static str,
+}
+
+/// All of the proxy's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    key_requests: Family<KeyLabels, Counter>,
+    upstream_latency: Histogram,
+    upstream_429: Counter,
+    queue_waiting: Gauge,
+    active_buckets: Gauge,
+    client_connections: Gauge,
+    broken_bodies: Counter,
+    broken_seen: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tmdb_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by outcome (forwarded, limited, rejected_invalid, upstream_error) and TMDB code",
+            requests.clone(),
+        );
+        let key_requests = Family::<KeyLabels, Counter>::default();
+        registry.register(
+            "key_requests",
+            "Requests of keys given an alias in [keys.aliases], by outcome",
+            key_requests.clone(),
+        );
+        // 1 ms to ~16 s.
+        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            upstream_latency.clone(),
+        );
+        let upstream_429 = Counter::default();
+        registry.register(
+            "upstream_429",
+            "429 answers received from the upstream (each pauses its key)",
+            upstream_429.clone(),
+        );
+        let queue_waiting = Gauge::default();
+        registry.register(
+            "queue_waiting",
+            "Requests waiting in a key's queue for a token",
+            queue_waiting.clone(),
+        );
+        let active_buckets = Gauge::default();
+        registry.register(
+            "active_buckets",
+            "Keys with a bucket in memory (idle ones are swept)",
+            active_buckets.clone(),
+        );
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Open client connections",
+            client_connections.clone(),
+        );
+        let broken_bodies = Counter::default();
+        registry.register(
+            "upstream_broken_bodies",
+            "Upstream response bodies that broke after their headers were sent on",
+            broken_bodies.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            key_requests,
+            upstream_latency,
+            upstream_429,
+            queue_waiting,
+            active_buckets,
+            client_connections,
+            broken_bodies,
+            broken_seen: AtomicI64::new(0),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn record_request(&self, outcome: Outcome, code: Option<u16>, alias: Option<&str>) {
+        let code = code.map(|c| c.to_string()).unwrap_or_default();
+        self.requests
+            .get_or_create(&RequestLabels {
+                outcome: outcome.as_str(),
+                code,
+            })
+            .inc();
+        if let Some(alias) = alias {
+            self.key_requests
+                .get_or_create(&KeyLabels {
+                    alias: alias.to_owned(),
+                    outcome: outcome.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn record_upstream_latency(&self, latency: Duration) {
+        self.upstream_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn record_upstream_429(&self) {
+        self.upstream_429.inc();
+    }
+
+    pub fn client_connected(&self) {
+        self.client_connections.inc();
+    }
+
+    pub fn client_disconnected(&self) {
+        self.client_connections.dec();
+    }
+
+    /// Renders the registry, after setting the gauges that are read rather than counted.
+    pub fn render(
+        &self,
+        queue_waiting: usize,
+        active_buckets: usize,
+        broken_bodies: u64,
+    ) -> String {
+        self.queue_waiting
+            .set(i64::try_from(queue_waiting).unwrap_or(i64::MAX));
+        self.active_buckets
+            .set(i64::try_from(active_buckets).unwrap_or(i64::MAX));
+        let broken = i64::try_from(broken_bodies).unwrap_or(i64::MAX);
+        let before = self.broken_seen.swap(broken, Ordering::Relaxed);
+        if broken > before {
+            self.broken_bodies
+                .inc_by(u64::try_from(broken - before).unwrap_or(0));
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_gauges() {
+        let m = Metrics::new();
+        m.record_request(Outcome::Forwarded, None, Some("web"));
+        m.record_request(Outcome::UpstreamError, Some(43), None);
+        m.record_upstream_latency(Duration::from_millis(12));
+        let text = m.render(3, 7, 1);
+        assert!(
+            text.contains(r#"tmdb_proxy_requests_total{outcome="forwarded",code=""} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tmdb_proxy_requests_total{outcome="upstream_error",code="43"} 1"#)
+        );
+        assert!(
+            text.contains(r#"tmdb_proxy_key_requests_total{alias="web",outcome="forwarded"} 1"#)
+        );
+        assert!(text.contains("tmdb_proxy_queue_waiting 3"));
+        assert!(text.contains("tmdb_proxy_active_buckets 7"));
+        assert!(text.contains("tmdb_proxy_upstream_broken_bodies_total 1"));
+        assert!(text.contains("tmdb_proxy_upstream_latency_seconds_count 1"));
+    }
+}
