@@ -213,6 +213,19 @@ struct RawLimit {
     window_margin: Duration,
     #[serde(with = "humantime_serde")]
     sweep_interval: Duration,
+    global_requests_per_second: u32,
+    overrides: Vec<RawOverride>,
+}
+
+/// One `[[limit.overrides]]` entry: a key (or an alias from `[keys.aliases]`) with its own rate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverride {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    alias: String,
+    requests_per_second: u32,
 }
 
 impl Default for RawLimit {
@@ -224,6 +237,8 @@ impl Default for RawLimit {
             legacy_headers: false,
             window_margin: DEFAULT_WINDOW_MARGIN,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            global_requests_per_second: 0,
+            overrides: Vec::new(),
         }
     }
 }
@@ -329,6 +344,10 @@ pub struct LimitConfig {
     pub window_margin: Duration,
     /// How often buckets of idle keys are dropped.
     pub sweep_interval: Duration,
+    /// Keys with a rate of their own (an alias already resolved to its key).
+    pub overrides: Vec<(Secret, NonZeroU32)>,
+    /// Ceiling across all keys together; `None`: no global ceiling.
+    pub global_requests_per_second: Option<NonZeroU32>,
 }
 
 /// API keys the proxy holds itself.
@@ -424,11 +443,12 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let keys = validate_keys(raw.keys)?;
         Ok(Self {
             server: validate_server(raw.server)?,
             upstream: validate_upstream(raw.upstream)?,
-            limit: validate_limit(raw.limit)?,
-            keys: validate_keys(raw.keys)?,
+            limit: validate_limit(raw.limit, &keys)?,
+            keys,
             log: validate_log(raw.log)?,
             admin: AdminConfig {
                 listen: parse_listen("admin.listen", &raw.admin.listen)?,
@@ -532,7 +552,50 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     })
 }
 
-fn validate_limit(raw: RawLimit) -> Result<LimitConfig, ConfigError> {
+fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, ConfigError> {
+    const OVERRIDES: &str = "limit.overrides";
+    let mut overrides = Vec::with_capacity(raw.overrides.len());
+    for (i, entry) in raw.overrides.into_iter().enumerate() {
+        let rps = NonZeroU32::new(entry.requests_per_second)
+            .filter(|rps| rps.get() <= MAX_REQUESTS_PER_SECOND)
+            .ok_or_else(|| {
+                invalid(
+                    OVERRIDES,
+                    format!("entry {}: requests_per_second must be 1 to {MAX_REQUESTS_PER_SECOND}", i + 1),
+                )
+            })?;
+        let secret = match (entry.key.trim(), entry.alias.trim()) {
+            (key, "") if !key.is_empty() => Secret(key.to_owned()),
+            ("", alias) if !alias.is_empty() => keys
+                .aliases
+                .iter()
+                .find(|(name, _)| name == alias)
+                .map(|(_, secret)| secret.clone())
+                .ok_or_else(|| {
+                    invalid(
+                        OVERRIDES,
+                        format!("entry {}: alias `{alias}` is not defined in [keys.aliases]", i + 1),
+                    )
+                })?,
+            _ => {
+                return Err(invalid(
+                    OVERRIDES,
+                    format!("entry {}: give exactly one of `key` or `alias`", i + 1),
+                ));
+            }
+        };
+        overrides.push((secret, rps));
+    }
+    let global_requests_per_second = match raw.global_requests_per_second {
+        0 => None,
+        rps if rps > MAX_REQUESTS_PER_SECOND => {
+            return Err(invalid(
+                "limit.global_requests_per_second",
+                format!("{rps} is above the supported maximum of {MAX_REQUESTS_PER_SECOND}"),
+            ));
+        }
+        rps => NonZeroU32::new(rps),
+    };
     let requests_per_second = non_zero("limit.requests_per_second", raw.requests_per_second)?;
     if requests_per_second.get() > MAX_REQUESTS_PER_SECOND {
         return Err(invalid(
@@ -583,6 +646,8 @@ fn validate_limit(raw: RawLimit) -> Result<LimitConfig, ConfigError> {
         legacy_headers: raw.legacy_headers,
         window_margin: raw.window_margin,
         sweep_interval: positive("limit.sweep_interval", raw.sweep_interval)?,
+        overrides,
+        global_requests_per_second,
     })
 }
 
@@ -811,6 +876,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("upstream.paths"), "{msg}");
+    }
+
+    #[test]
+    fn overrides_by_key_or_alias() {
+        let cfg = Config::from_toml_str(
+            "[keys.aliases]\nweb = \"WEBKEY\"\n[limit]\nglobal_requests_per_second = 80\n\
+             [[limit.overrides]]\nalias = \"web\"\nrequests_per_second = 10\n\
+             [[limit.overrides]]\nkey = \"OTHER\"\nrequests_per_second = 5\n",
+        )
+        .unwrap();
+        let overrides: Vec<(&str, u32)> = cfg
+            .limit
+            .overrides
+            .iter()
+            .map(|(s, r)| (s.expose(), r.get()))
+            .collect();
+        assert_eq!(overrides, [("WEBKEY", 10), ("OTHER", 5)]);
+        assert_eq!(cfg.limit.global_requests_per_second.map(NonZeroU32::get), Some(80));
+        let msg = Config::from_toml_str("[[limit.overrides]]\nalias = \"nope\"\nrequests_per_second = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("limit.overrides") && msg.contains("nope"), "{msg}");
+        let msg = Config::from_toml_str("[[limit.overrides]]\nrequests_per_second = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("exactly one"), "{msg}");
     }
 
     #[test]

@@ -23,6 +23,10 @@ use crate::tmdb::{API_KEY_PARAM, BEARER_PREFIX};
 pub struct Key(u64);
 
 impl Key {
+    /// The bucket of the budget shared by all keys (`global_requests_per_second`). A real key
+    /// hashing to exactly this value has a 1 in 2^64 chance.
+    pub const GLOBAL: Key = Key(0);
+
     /// Hashes a credential (a v3 API key, or a bearer token without a usable `aud`).
     ///
     /// The hash is fixed (not per process) so fingerprints in logs stay comparable across restarts.

@@ -1,17 +1,21 @@
-//! The rate limiter: one bucket per key, shared by every connection.
+//! The rate limiter: one bucket per key, plus an optional global bucket, shared by every
+//! connection.
 //!
 //! This facade is the only place a rate decision reads the clock (`tokio::time::Instant`, so tests
-//! drive it with a paused clock). It knows nothing of HTTP: it answers [`Admission`] or
-//! [`Rejection`], and the proxy turns those into headers and bodies.
+//! drive it with a paused clock). It knows nothing of HTTP: it answers [`Ticket`] (a token, to be
+//! confirmed when the request leaves) or [`Rejection`], and the proxy turns those into headers and
+//! bodies. Its [`Policy`] can be swapped at run time (reload); buckets keep their state.
 
 pub mod bucket;
 pub mod key;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -35,10 +39,10 @@ pub struct Admission {
     at: Nanos,
 }
 
-/// A request refused because its key is over the limit.
+/// A request refused because its key (or the global budget) is over the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
-    /// Requests per second allowed for the key.
+    /// Requests per second allowed for the key (or globally).
     pub limit: u32,
     /// Requests in the current window, this one included.
     pub count: u32,
@@ -46,17 +50,56 @@ pub struct Rejection {
     pub retry_after: Duration,
 }
 
+/// The limits in force. Swapped whole on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Quota of a key without an override.
+    pub default: Quota,
+    /// Keys with a quota of their own (`[[limit.overrides]]`).
+    pub overrides: HashMap<Key, Quota>,
+    /// Budget shared by all keys (`global_requests_per_second`); a request needs a token from
+    /// its key and from this.
+    pub global: Option<Quota>,
+    /// Longest a request may queue (zero in reject mode).
+    pub max_wait: Nanos,
+    /// How far a token's stamp may lie before the moment its request is sent (half the margin).
+    pub tolerance: Nanos,
+}
+
+impl Policy {
+    /// The policy for `cfg`.
+    pub fn new(cfg: &LimitConfig) -> Self {
+        let window = duration_nanos(Duration::from_secs(1) + cfg.window_margin);
+        let quota = |rps: u32| Quota {
+            capacity: rps,
+            window,
+        };
+        Self {
+            default: quota(cfg.requests_per_second.get()),
+            overrides: cfg
+                .overrides
+                .iter()
+                .map(|(secret, rps)| (Key::from_credential(secret.expose()), quota(rps.get())))
+                .collect(),
+            global: cfg.global_requests_per_second.map(|rps| quota(rps.get())),
+            max_wait: duration_nanos(cfg.max_wait),
+            tolerance: duration_nanos(cfg.window_margin / 2),
+        }
+    }
+
+    /// The quota of `key`.
+    pub fn quota_for(&self, key: Key) -> Quota {
+        self.overrides.get(&key).copied().unwrap_or(self.default)
+    }
+}
+
 /// The per-key limiter.
 #[derive(Debug)]
 pub struct Limiter {
     store: Store,
-    quota: Quota,
-    /// Longest a request may queue, in nanoseconds (zero in reject mode).
-    max_wait: Nanos,
+    policy: ArcSwap<Policy>,
     /// Origin of the limiter's nanosecond clock.
     epoch: Instant,
-    /// How far a token's stamp may lie before the moment its request is sent (half the margin).
-    tolerance: Nanos,
     /// Requests asleep in a queue now.
     waiting: AtomicUsize,
     /// Set when the proxy drains for shutdown: no queued slot may end after this.
@@ -68,36 +111,58 @@ pub struct Limiter {
 impl Limiter {
     /// A limiter for `cfg`, with its clock starting now.
     pub fn new(cfg: &LimitConfig) -> Self {
-        let window = Duration::from_secs(1) + cfg.window_margin;
         Self {
             store: Store::default(),
-            quota: Quota {
-                capacity: cfg.requests_per_second.get(),
-                window: duration_nanos(window),
-            },
-            max_wait: duration_nanos(cfg.max_wait),
+            policy: ArcSwap::from_pointee(Policy::new(cfg)),
             epoch: Instant::now(),
-            tolerance: duration_nanos(cfg.window_margin / 2),
             waiting: AtomicUsize::new(0),
             drain: watch::Sender::new(None),
         }
+    }
+
+    /// Puts new limits in force. Buckets keep what they recorded: a key whose rate did not change
+    /// carries on exactly; one whose rate changed is judged by the new rate from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// The limits in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
     }
 
     fn now(&self) -> Nanos {
         duration_nanos(Instant::now().saturating_duration_since(self.epoch))
     }
 
-    /// Takes a token for `key`, waiting in the key's FIFO queue when the token comes within
-    /// `max_wait`. If the returned future is dropped while waiting (the client went away), the
-    /// queued slot is given back; so is the token of a [`Ticket`] dropped before it was sent.
+    /// Takes a token for `key` (and from the global budget, if one is set), waiting in FIFO order
+    /// when the token comes within `max_wait`. If the returned future is dropped while waiting
+    /// (the client went away), queued slots are given back; so are the tokens of a [`Ticket`]
+    /// dropped before it was sent.
     pub async fn acquire(&self, key: Key) -> Result<Ticket<'_>, Rejection> {
-        let admission = self.admit(key, self.now(), self.max_wait).await?;
-        Ok(Ticket {
+        let policy = self.policy.load_full();
+        let start = self.now();
+        let quota = policy.quota_for(key);
+        let admission = self.admit(key, quota, start, policy.max_wait).await?;
+        let mut ticket = Ticket {
             limiter: self,
-            key,
             admission,
-            armed: true,
-        })
+            stamps: [Some(Stamp { key, quota, at: admission.at }), None],
+            max_wait: policy.max_wait,
+            tolerance: policy.tolerance,
+        };
+        if let Some(global) = policy.global {
+            let now = self.now();
+            let budget = policy.max_wait.saturating_sub(now - start);
+            let granted = self.admit(Key::GLOBAL, global, now, budget).await?;
+            ticket.admission.waited += granted.waited;
+            ticket.stamps[1] = Some(Stamp {
+                key: Key::GLOBAL,
+                quota: global,
+                at: granted.at,
+            });
+        }
+        Ok(ticket)
     }
 
     /// Requests asleep in a queue now.
@@ -112,16 +177,23 @@ impl Limiter {
         self.drain.send_replace(Some(deadline));
     }
 
-    /// Stamps a token at `now` (or at the first free slot within `max_wait`, waiting for it).
-    async fn admit(&self, key: Key, now: Nanos, max_wait: Nanos) -> Result<Admission, Rejection> {
+    /// Stamps a token of `key` at `now` (or at the first free slot within `max_wait`, waiting
+    /// for it).
+    async fn admit(
+        &self,
+        key: Key,
+        quota: Quota,
+        now: Nanos,
+        max_wait: Nanos,
+    ) -> Result<Admission, Rejection> {
         let mut drained = self.drain.subscribe();
         let max_wait = match *drained.borrow_and_update() {
             Some(deadline) => max_wait.min(deadline.saturating_sub(now)),
             None => max_wait,
         };
-        match self.store.check_at(key, now, self.quota, max_wait) {
+        match self.store.check_at(key, now, quota, max_wait) {
             Decision::Deny { count, next_free } => Err(Rejection {
-                limit: self.quota.capacity,
+                limit: quota.capacity,
                 count,
                 retry_after: Duration::from_nanos(next_free.saturating_sub(now)),
             }),
@@ -148,8 +220,8 @@ impl Limiter {
                                 if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
                                     // Dropping the slot gives it back.
                                     return Err(Rejection {
-                                        limit: self.quota.capacity,
-                                        count: self.quota.capacity.saturating_add(1),
+                                        limit: quota.capacity,
+                                        count: quota.capacity.saturating_add(1),
                                         retry_after: Duration::from_nanos(at.saturating_sub(self.now())),
                                     });
                                 }
@@ -159,7 +231,7 @@ impl Limiter {
                     slot.used();
                 }
                 Ok(Admission {
-                    limit: self.quota.capacity,
+                    limit: quota.capacity,
                     remaining,
                     reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
                     waited: Duration::from_nanos(at - now),
@@ -179,7 +251,7 @@ impl Limiter {
 
     /// Drops buckets of keys that have gone idle; returns how many remain.
     pub fn sweep(&self) -> usize {
-        self.store.retain_recent(self.now(), self.quota)
+        self.store.retain_recent(self.now(), self.policy.load().default)
     }
 
     /// Buckets currently held.
@@ -207,21 +279,30 @@ impl Limiter {
     }
 }
 
-/// A spent token whose request has not been sent yet.
+/// One spent token: whose, under which quota, and when.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    key: Key,
+    quota: Quota,
+    at: Nanos,
+}
+
+/// The tokens of a request that has not been sent yet: its key's, and the global one if set.
 ///
 /// Between taking a token and sending, a request may wait for an upstream connection. The
 /// guarantee is about arrivals upstream, so before sending, [`Ticket::confirm`] moves a stamp that
-/// has grown stale to the present. Dropping an unsent ticket gives its token back.
+/// has grown stale to the present. Dropping an unsent ticket gives its tokens back.
 #[derive(Debug)]
 pub struct Ticket<'a> {
     limiter: &'a Limiter,
-    key: Key,
     admission: Admission,
-    armed: bool,
+    stamps: [Option<Stamp>; 2],
+    max_wait: Nanos,
+    tolerance: Nanos,
 }
 
 impl Ticket<'_> {
-    /// The admission as it stands.
+    /// The admission as it stands (the key's token).
     pub fn admission(&self) -> Admission {
         self.admission
     }
@@ -231,32 +312,40 @@ impl Ticket<'_> {
     /// slot within what is left of `max_wait`, or be refused.
     pub async fn confirm(mut self) -> Result<Self, Rejection> {
         let limiter = self.limiter;
-        let now = limiter.now();
-        if now.saturating_sub(self.admission.at) <= limiter.tolerance {
-            return Ok(self);
+        for i in 0..self.stamps.len() {
+            let now = limiter.now();
+            let Some(stamp) = self.stamps[i] else { continue };
+            if now.saturating_sub(stamp.at) <= self.tolerance {
+                continue;
+            }
+            limiter.store.release(stamp.key, stamp.at);
+            self.stamps[i] = None;
+            let budget = self.max_wait.saturating_sub(duration_nanos(self.admission.waited));
+            let granted = limiter.admit(stamp.key, stamp.quota, now, budget).await?;
+            self.stamps[i] = Some(Stamp {
+                at: granted.at,
+                ..stamp
+            });
+            let waited = self.admission.waited + granted.waited;
+            if i == 0 {
+                self.admission = granted;
+            }
+            self.admission.waited = waited;
         }
-        limiter.store.release(self.key, self.admission.at);
-        self.armed = false;
-        let waited = self.admission.waited;
-        let budget = limiter.max_wait.saturating_sub(duration_nanos(waited));
-        let mut admission = limiter.admit(self.key, now, budget).await?;
-        admission.waited += waited;
-        self.admission = admission;
-        self.armed = true;
         Ok(self)
     }
 
-    /// The request went upstream: the token stays spent.
+    /// The request went upstream: the tokens stay spent.
     pub fn sent(mut self) -> Admission {
-        self.armed = false;
+        self.stamps = [None, None];
         self.admission
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.limiter.store.release(self.key, self.admission.at);
+        for stamp in self.stamps.iter().flatten() {
+            self.limiter.store.release(stamp.key, stamp.at);
         }
     }
 }
