@@ -478,7 +478,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         listen: parse_listen("server.listen", &raw.listen)?,
         max_connections: non_zero("server.max_connections", raw.max_connections)?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
-        shutdown_timeout: raw.shutdown_timeout,
+        shutdown_timeout: bounded("server.shutdown_timeout", raw.shutdown_timeout)?,
     })
 }
 
@@ -561,7 +561,10 @@ fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, Confi
             .ok_or_else(|| {
                 invalid(
                     OVERRIDES,
-                    format!("entry {}: requests_per_second must be 1 to {MAX_REQUESTS_PER_SECOND}", i + 1),
+                    format!(
+                        "entry {}: requests_per_second must be 1 to {MAX_REQUESTS_PER_SECOND}",
+                        i + 1
+                    ),
                 )
             })?;
         let secret = match (entry.key.trim(), entry.alias.trim()) {
@@ -574,7 +577,10 @@ fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, Confi
                 .ok_or_else(|| {
                     invalid(
                         OVERRIDES,
-                        format!("entry {}: alias `{alias}` is not defined in [keys.aliases]", i + 1),
+                        format!(
+                            "entry {}: alias `{alias}` is not defined in [keys.aliases]",
+                            i + 1
+                        ),
                     )
                 })?,
             _ => {
@@ -741,11 +747,28 @@ fn non_zero(key: &'static str, value: u32) -> Result<NonZeroU32, ConfigError> {
     NonZeroU32::new(value).ok_or_else(|| invalid(key, "must be at least 1"))
 }
 
+/// Longest accepted timeout or interval: anything longer is a typo, and would overflow clocks.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 fn positive(key: &'static str, value: Duration) -> Result<Duration, ConfigError> {
     if value.is_zero() {
         Err(invalid(
             key,
             "must be longer than zero (e.g. \"2s\", \"250ms\")",
+        ))
+    } else {
+        bounded(key, value)
+    }
+}
+
+fn bounded(key: &'static str, value: Duration) -> Result<Duration, ConfigError> {
+    if value > MAX_DURATION {
+        Err(invalid(
+            key,
+            format!(
+                "{} is longer than the maximum of 1 day",
+                humantime::format_duration(value)
+            ),
         ))
     } else {
         Ok(value)
@@ -893,11 +916,19 @@ mod tests {
             .map(|(s, r)| (s.expose(), r.get()))
             .collect();
         assert_eq!(overrides, [("WEBKEY", 10), ("OTHER", 5)]);
-        assert_eq!(cfg.limit.global_requests_per_second.map(NonZeroU32::get), Some(80));
-        let msg = Config::from_toml_str("[[limit.overrides]]\nalias = \"nope\"\nrequests_per_second = 1\n")
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("limit.overrides") && msg.contains("nope"), "{msg}");
+        assert_eq!(
+            cfg.limit.global_requests_per_second.map(NonZeroU32::get),
+            Some(80)
+        );
+        let msg = Config::from_toml_str(
+            "[[limit.overrides]]\nalias = \"nope\"\nrequests_per_second = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("limit.overrides") && msg.contains("nope"),
+            "{msg}"
+        );
         let msg = Config::from_toml_str("[[limit.overrides]]\nrequests_per_second = 1\n")
             .unwrap_err()
             .to_string();

@@ -81,6 +81,9 @@ pub struct Bucket {
     dry_at: Nanos,
     /// No request is admitted before this (the upstream answered 429 and said when to retry).
     paused_until: Nanos,
+    /// Queued slots given back by requests that went away, offered to the next requests so a
+    /// departed client's turn is not lost. Usually empty (no allocation).
+    holes: Vec<Nanos>,
 }
 
 impl Bucket {
@@ -99,6 +102,34 @@ impl Bucket {
         } else if self.spent.is_empty() && self.dry_at.saturating_add(quota.window) <= now {
             self.pace = None;
         }
+    }
+
+    /// Whether a token stamped at `t` keeps every window of length `window` at or under capacity:
+    /// any `capacity + 1` consecutive stamps, `t` included, must span at least a window.
+    fn fits(&self, t: Nanos, quota: Quota) -> bool {
+        let cap = quota.capacity as usize;
+        let p = self.spent.partition_point(|&e| e <= t);
+        let len = self.spent.len() + 1;
+        let at = |k: usize| match k.cmp(&p) {
+            std::cmp::Ordering::Less => self.spent[k],
+            std::cmp::Ordering::Equal => t,
+            std::cmp::Ordering::Greater => self.spent[k - 1],
+        };
+        (p.saturating_sub(cap)..=p)
+            .filter(|&i| i + cap < len)
+            .all(|i| at(i + cap).saturating_sub(at(i)) >= quota.window)
+    }
+
+    /// The earliest usable slot given back by a departed request, if any.
+    fn reusable_hole(&mut self, now: Nanos, quota: Quota) -> Option<Nanos> {
+        if self.holes.is_empty() {
+            return None;
+        }
+        let floor = now.max(self.paused_until);
+        self.holes.retain(|&h| h >= floor);
+        self.holes.sort_unstable();
+        let i = (0..self.holes.len()).find(|&i| self.fits(self.holes[i], quota))?;
+        Some(self.holes.remove(i))
     }
 
     /// Earliest time at or after `now` a new request could be admitted, keeping FIFO order behind
@@ -136,6 +167,18 @@ impl Bucket {
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
     pub fn acquire(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
         self.refill(now, quota);
+        if let Some(hole) = self.reusable_hole(now, quota) {
+            if hole - now <= max_wait {
+                let p = self.spent.partition_point(|&e| e <= hole);
+                self.spent.insert(p, hole);
+                return Decision::Admit {
+                    at: hole,
+                    remaining: self.free_at(hole, quota),
+                    next_free: self.next_slot(now, quota),
+                };
+            }
+            self.holes.push(hole);
+        }
         let at = self.next_slot(now, quota);
         if at - now > max_wait {
             // Refused while paced or paused, a request may find tokens in hand; it still counts
@@ -163,7 +206,41 @@ impl Bucket {
         // Entries are sorted; search from the back, where queued slots live.
         if let Some(i) = self.spent.iter().rposition(|&t| t == at) {
             self.spent.remove(i);
+            // A slot other than the last leaves a hole the next request can take. (Holes in the
+            // past are dropped when next looked at.)
+            if self.spent.back().is_some_and(|&last| last > at) {
+                self.holes.push(at);
+            }
         }
+    }
+
+    /// Moves a token stamped at `old` to `now`, the moment its request actually leaves, if no
+    /// window would then hold more than capacity. Pacing and queue order are not consulted: the
+    /// request already had its turn. Returns false (and changes nothing) if it does not fit.
+    pub fn restamp(&mut self, old: Nanos, now: Nanos, quota: Quota) -> bool {
+        let Some(i) = self.spent.iter().rposition(|&t| t == old) else {
+            return false;
+        };
+        self.spent.remove(i);
+        if self.fits(now, quota) {
+            let p = self.spent.partition_point(|&e| e <= now);
+            self.spent.insert(p, now);
+            true
+        } else {
+            self.spent.insert(i, old);
+            false
+        }
+    }
+
+    /// Whether nothing may be admitted at `t` because of an upstream 429.
+    pub fn is_paused(&self, t: Nanos) -> bool {
+        t < self.paused_until
+    }
+
+    /// Tokens free at `now` and the earliest time a request could be admitted, without taking one.
+    pub fn peek(&mut self, now: Nanos, quota: Quota) -> (u32, Nanos) {
+        self.refill(now, quota);
+        (self.free_at(now, quota), self.next_slot(now, quota))
     }
 
     /// Admits nothing before `until`. Returns whether the bucket was not already paused at
@@ -394,6 +471,41 @@ mod tests {
         // Queued requests wait for the end of the pause.
         assert_eq!(admitted(b.acquire(40 * MS, q, SEC)), 1010 * MS);
         assert_eq!(admitted(b.acquire(1020 * MS, q, 0)), 1020 * MS);
+    }
+
+    #[test]
+    fn a_departed_waiters_slot_goes_to_the_next_request() {
+        let q = quota(1);
+        let mut b = Bucket::default();
+        let max_wait = 5 * SEC;
+        admitted(b.acquire(0, q, max_wait));
+        let first = admitted(b.acquire(MS, q, max_wait));
+        let second = admitted(b.acquire(MS, q, max_wait));
+        assert_eq!((first, second), (q.window, 2 * q.window));
+        // The first waiter leaves; its turn is not lost behind the second.
+        b.release(first);
+        assert_eq!(admitted(b.acquire(2 * MS, q, max_wait)), q.window);
+        // Nothing left to reuse: the next one queues at the back.
+        assert_eq!(admitted(b.acquire(3 * MS, q, max_wait)), 3 * q.window);
+    }
+
+    #[test]
+    fn restamp_moves_a_token_only_where_it_fits() {
+        let q = quota(2);
+        let mut b = Bucket::default();
+        admitted(b.acquire(0, q, 0));
+        admitted(b.acquire(0, q, 0));
+        // Sent 100 ms late: moving the stamp keeps every window at 2.
+        assert!(b.restamp(0, 100 * MS, q));
+        // Queue two more behind the window.
+        let max_wait = 3 * SEC;
+        let a = admitted(b.acquire(200 * MS, q, max_wait));
+        let c = admitted(b.acquire(200 * MS, q, max_wait));
+        assert_eq!((a, c), (q.window, 100 * MS + q.window));
+        // The stamp still at 0, moved to 200 ms, would put three stamps (100 ms, 200 ms, 1.05 s)
+        // within one window.
+        assert!(!b.restamp(0, 200 * MS, q));
+        assert_eq!(b.held(), 4);
     }
 
     #[test]

@@ -122,6 +122,17 @@ pub fn api_key_param(query: &str) -> Option<Cow<'_, str>> {
         .map(|(_, value)| value)
 }
 
+/// Whether a query names two or more different non-empty `api_key` values.
+pub fn has_conflicting_api_keys(query: &str) -> bool {
+    let mut keys = form_urlencoded::parse(query.as_bytes())
+        .filter(|(name, value)| name == API_KEY_PARAM && !value.trim().is_empty())
+        .map(|(_, value)| value);
+    match keys.next() {
+        Some(first) => keys.any(|other| other != first),
+        None => false,
+    }
+}
+
 /// The token of an `Authorization: Bearer <token>` header, if well-formed.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
@@ -193,6 +204,13 @@ mod tests {
             api_key_param("language=en&include_image_language=null"),
             None
         );
+    }
+
+    #[test]
+    fn conflicting_keys_are_spotted() {
+        assert!(has_conflicting_api_keys("api_key=A&api_key=B"));
+        assert!(!has_conflicting_api_keys("api_key=A&api_key=A&api_key="));
+        assert!(!has_conflicting_api_keys("page=1"));
     }
 
     #[test]

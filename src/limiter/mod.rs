@@ -136,24 +136,37 @@ impl Limiter {
     }
 
     /// Takes a token for `key` (and from the global budget, if one is set), waiting in FIFO order
-    /// when the token comes within `max_wait`. If the returned future is dropped while waiting
-    /// (the client went away), queued slots are given back; so are the tokens of a [`Ticket`]
-    /// dropped before it was sent.
-    pub async fn acquire(&self, key: Key) -> Result<Ticket<'_>, Rejection> {
+    /// when the token comes within what is left of `max_wait` after `already_waited`. If the
+    /// returned future is dropped while waiting (the client went away), queued slots are given
+    /// back; so are the tokens of a [`Ticket`] dropped before it was sent.
+    pub async fn acquire(
+        &self,
+        key: Key,
+        already_waited: Duration,
+    ) -> Result<Ticket<'_>, Rejection> {
         let policy = self.policy.load_full();
         let start = self.now();
+        let max_wait = policy
+            .max_wait
+            .saturating_sub(duration_nanos(already_waited));
         let quota = policy.quota_for(key);
-        let admission = self.admit(key, quota, start, policy.max_wait).await?;
+        let admission = self.admit(key, quota, start, max_wait).await?;
         let mut ticket = Ticket {
             limiter: self,
             admission,
-            stamps: [Some(Stamp { key, quota, at: admission.at }), None],
-            max_wait: policy.max_wait,
+            stamps: [
+                Some(Stamp {
+                    key,
+                    quota,
+                    at: admission.at,
+                }),
+                None,
+            ],
             tolerance: policy.tolerance,
         };
         if let Some(global) = policy.global {
             let now = self.now();
-            let budget = policy.max_wait.saturating_sub(now - start);
+            let budget = max_wait.saturating_sub(now - start);
             let granted = self.admit(Key::GLOBAL, global, now, budget).await?;
             ticket.admission.waited += granted.waited;
             ticket.stamps[1] = Some(Stamp {
@@ -163,6 +176,19 @@ impl Limiter {
             });
         }
         Ok(ticket)
+    }
+
+    /// The key's rate state without taking a token: its limit, tokens free now, and the time
+    /// until a request could be admitted (for requests refused before they spend anything).
+    pub fn peek(&self, key: Key) -> (u32, u32, Duration) {
+        let quota = self.policy.load().quota_for(key);
+        let now = self.now();
+        let (free, next) = self.store.peek(key, now, quota);
+        (
+            quota.capacity,
+            free,
+            Duration::from_nanos(next.saturating_sub(now)),
+        )
     }
 
     /// Requests asleep in a queue now.
@@ -183,61 +209,72 @@ impl Limiter {
         &self,
         key: Key,
         quota: Quota,
-        now: Nanos,
+        start: Nanos,
         max_wait: Nanos,
     ) -> Result<Admission, Rejection> {
         let mut drained = self.drain.subscribe();
-        let max_wait = match *drained.borrow_and_update() {
-            Some(deadline) => max_wait.min(deadline.saturating_sub(now)),
-            None => max_wait,
-        };
-        match self.store.check_at(key, now, quota, max_wait) {
-            Decision::Deny { count, next_free } => Err(Rejection {
-                limit: quota.capacity,
-                count,
-                retry_after: Duration::from_nanos(next_free.saturating_sub(now)),
-            }),
-            Decision::Admit {
-                at,
-                remaining,
-                next_free,
-            } => {
-                if at > now {
-                    let slot = QueuedSlot {
-                        limiter: self,
-                        key,
-                        at,
-                        armed: true,
-                    };
-                    self.waiting.fetch_add(1, Ordering::Relaxed);
-                    let wake = tokio::time::sleep_until(self.epoch + Duration::from_nanos(at));
-                    tokio::pin!(wake);
-                    loop {
-                        tokio::select! {
-                            () = &mut wake => break,
-                            changed = drained.changed() => {
-                                let cut = *drained.borrow_and_update();
-                                if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
-                                    // Dropping the slot gives it back.
-                                    return Err(Rejection {
-                                        limit: quota.capacity,
-                                        count: quota.capacity.saturating_add(1),
-                                        retry_after: Duration::from_nanos(at.saturating_sub(self.now())),
-                                    });
-                                }
+        let mut now = start;
+        loop {
+            let budget = max_wait.saturating_sub(now - start);
+            let budget = match *drained.borrow_and_update() {
+                Some(deadline) => budget.min(deadline.saturating_sub(now)),
+                None => budget,
+            };
+            let (at, remaining, next_free) = match self.store.check_at(key, now, quota, budget) {
+                Decision::Deny { count, next_free } => {
+                    return Err(Rejection {
+                        limit: quota.capacity,
+                        count,
+                        retry_after: Duration::from_nanos(next_free.saturating_sub(now)),
+                    });
+                }
+                Decision::Admit {
+                    at,
+                    remaining,
+                    next_free,
+                } => (at, remaining, next_free),
+            };
+            if at > now {
+                let slot = QueuedSlot {
+                    limiter: self,
+                    key,
+                    at,
+                    armed: true,
+                };
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let wake = tokio::time::sleep_until(self.epoch + Duration::from_nanos(at));
+                tokio::pin!(wake);
+                loop {
+                    tokio::select! {
+                        () = &mut wake => break,
+                        changed = drained.changed() => {
+                            let cut = *drained.borrow_and_update();
+                            if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
+                                // Dropping the slot gives it back.
+                                return Err(Rejection {
+                                    limit: quota.capacity,
+                                    count: quota.capacity.saturating_add(1),
+                                    retry_after: Duration::from_nanos(at.saturating_sub(self.now())),
+                                });
                             }
                         }
                     }
-                    slot.used();
                 }
-                Ok(Admission {
-                    limit: quota.capacity,
-                    remaining,
-                    reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
-                    waited: Duration::from_nanos(at - now),
-                    at,
-                })
+                // The upstream answered 429 while this request waited and its slot falls inside
+                // the pause: it queues again (dropping the slot gives it back).
+                if self.store.is_paused(key, at) {
+                    now = self.now();
+                    continue;
+                }
+                slot.used();
             }
+            return Ok(Admission {
+                limit: quota.capacity,
+                remaining,
+                reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
+                waited: Duration::from_nanos(at - start),
+                at,
+            });
         }
     }
 
@@ -251,7 +288,8 @@ impl Limiter {
 
     /// Drops buckets of keys that have gone idle; returns how many remain.
     pub fn sweep(&self) -> usize {
-        self.store.retain_recent(self.now(), self.policy.load().default)
+        self.store
+            .retain_recent(self.now(), self.policy.load().default)
     }
 
     /// Buckets currently held.
@@ -297,7 +335,6 @@ pub struct Ticket<'a> {
     limiter: &'a Limiter,
     admission: Admission,
     stamps: [Option<Stamp>; 2],
-    max_wait: Nanos,
     tolerance: Nanos,
 }
 
@@ -308,37 +345,28 @@ impl Ticket<'_> {
     }
 
     /// Called with a ready connection in hand, just before sending. A stamp older than the
-    /// tolerance (half the window margin) is replaced by one taken now, which may wait for a free
-    /// slot within what is left of `max_wait`, or be refused.
-    pub async fn confirm(mut self) -> Result<Self, Rejection> {
+    /// tolerance (half the window margin) moves to the present, in one step under the bucket's
+    /// lock, if no window would then exceed its capacity. If one does not fit, the request must
+    /// queue again: its tokens are given back (the ticket is dropped) and the caller retries.
+    pub fn confirm(mut self) -> Result<Admission, Rejection> {
         let limiter = self.limiter;
-        for i in 0..self.stamps.len() {
-            let now = limiter.now();
-            let Some(stamp) = self.stamps[i] else { continue };
+        let now = limiter.now();
+        for slot in &mut self.stamps {
+            let Some(stamp) = slot else { continue };
             if now.saturating_sub(stamp.at) <= self.tolerance {
                 continue;
             }
-            limiter.store.release(stamp.key, stamp.at);
-            self.stamps[i] = None;
-            let budget = self.max_wait.saturating_sub(duration_nanos(self.admission.waited));
-            let granted = limiter.admit(stamp.key, stamp.quota, now, budget).await?;
-            self.stamps[i] = Some(Stamp {
-                at: granted.at,
-                ..stamp
-            });
-            let waited = self.admission.waited + granted.waited;
-            if i == 0 {
-                self.admission = granted;
+            if !limiter.store.restamp(stamp.key, stamp.at, now, stamp.quota) {
+                return Err(Rejection {
+                    limit: stamp.quota.capacity,
+                    count: stamp.quota.capacity.saturating_add(1),
+                    retry_after: Duration::from_nanos(stamp.quota.spacing()),
+                });
             }
-            self.admission.waited = waited;
+            stamp.at = now;
         }
-        Ok(self)
-    }
-
-    /// The request went upstream: the tokens stay spent.
-    pub fn sent(mut self) -> Admission {
         self.stamps = [None, None];
-        self.admission
+        Ok(self.admission)
     }
 }
 
@@ -391,22 +419,34 @@ mod tests {
         let l = limiter("[limit]\nrequests_per_second = 3\nmode = \"reject\"\n");
         let k = Key::from_credential("k");
         for remaining in [2, 1, 0] {
-            assert_eq!(l.acquire(k).await.unwrap().sent().remaining, remaining);
+            assert_eq!(
+                l.acquire(k, Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .confirm()
+                    .unwrap()
+                    .remaining,
+                remaining
+            );
         }
-        let rejected = l.acquire(k).await.unwrap_err();
+        let rejected = l.acquire(k, Duration::ZERO).await.unwrap_err();
         assert_eq!(rejected.count, 4);
         assert_eq!(rejected.retry_after, Duration::from_millis(1050));
         tokio::time::advance(Duration::from_millis(1050)).await;
-        assert!(l.acquire(k).await.is_ok());
+        assert!(l.acquire(k, Duration::ZERO).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn unsent_ticket_gives_its_token_back() {
         let l = limiter("[limit]\nrequests_per_second = 1\nmode = \"reject\"\n");
         let k = Key::from_credential("k");
-        drop(l.acquire(k).await.unwrap());
-        l.acquire(k).await.unwrap().sent();
-        assert!(l.acquire(k).await.is_err());
+        drop(l.acquire(k, Duration::ZERO).await.unwrap());
+        l.acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
+        assert!(l.acquire(k, Duration::ZERO).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -414,17 +454,22 @@ mod tests {
         let l = limiter("[limit]\nrequests_per_second = 2\nmax_wait = \"2s\"\n");
         let k = Key::from_credential("k");
         // Token stamped at 0, but the request waits 400 ms for a connection.
-        let slow = l.acquire(k).await.unwrap();
+        let slow = l.acquire(k, Duration::ZERO).await.unwrap();
         tokio::time::advance(Duration::from_millis(400)).await;
-        let slow = slow.confirm().await.unwrap().sent();
+        let slow = slow.confirm().unwrap();
         assert_eq!(slow.waited, Duration::ZERO);
         // A fresh ticket within the tolerance keeps its stamp.
-        let quick = l.acquire(k).await.unwrap();
+        let quick = l.acquire(k, Duration::ZERO).await.unwrap();
         tokio::time::advance(Duration::from_millis(10)).await;
-        quick.confirm().await.unwrap().sent();
+        quick.confirm().unwrap();
         // Both tokens were stamped at 400 ms, so the next one is free at 1.45 s, 1.04 s from now.
         let start = Instant::now();
-        let third = l.acquire(k).await.unwrap().sent();
+        let third = l
+            .acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(1040));
         assert_eq!(third.waited, Duration::from_millis(1040));
     }
@@ -433,9 +478,18 @@ mod tests {
     async fn queued_request_waits_for_its_slot() {
         let l = limiter("[limit]\nrequests_per_second = 1\nmax_wait = \"2s\"\n");
         let k = Key::from_credential("k");
-        l.acquire(k).await.unwrap().sent();
+        l.acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
         let start = Instant::now();
-        let admitted = l.acquire(k).await.unwrap().sent();
+        let admitted = l
+            .acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
         assert_eq!(admitted.waited, Duration::from_millis(1050));
         assert_eq!(start.elapsed(), Duration::from_millis(1050));
     }
@@ -444,12 +498,22 @@ mod tests {
     async fn abandoned_waiter_gives_its_slot_back() {
         let l = limiter("[limit]\nrequests_per_second = 1\nmax_wait = \"1500ms\"\n");
         let k = Key::from_credential("k");
-        l.acquire(k).await.unwrap().sent();
+        l.acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
         // A waiter that gives up after 100 ms.
-        let gave_up = tokio::time::timeout(Duration::from_millis(100), l.acquire(k)).await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), l.acquire(k, Duration::ZERO)).await;
         assert!(gave_up.is_err());
         // Its slot (at 1.05 s) is free again, so this one fits within max_wait.
-        let admitted = l.acquire(k).await.unwrap().sent();
+        let admitted = l
+            .acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
         assert_eq!(admitted.waited, Duration::from_millis(950));
     }
 
@@ -457,12 +521,24 @@ mod tests {
     async fn draining_refuses_waiters_whose_turn_is_after_the_deadline() {
         let l = limiter("[limit]\nrequests_per_second = 1\nmax_wait = \"5s\"\n");
         let k = Key::from_credential("k");
-        l.acquire(k).await.unwrap().sent();
+        l.acquire(k, Duration::ZERO)
+            .await
+            .unwrap()
+            .confirm()
+            .unwrap();
         let (l2, l3) = (l.clone(), l.clone());
         // Two waiters: turns at 1.05 s and 2.1 s.
-        let first = tokio::spawn(async move { l2.acquire(k).await.map(|t| t.sent()) });
+        let first = tokio::spawn(async move {
+            l2.acquire(k, Duration::ZERO)
+                .await
+                .map(|t| t.confirm().unwrap())
+        });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let second = tokio::spawn(async move { l3.acquire(k).await.map(|t| t.sent()) });
+        let second = tokio::spawn(async move {
+            l3.acquire(k, Duration::ZERO)
+                .await
+                .map(|t| t.confirm().unwrap())
+        });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(l.waiting(), 2);
         l.drain(Instant::now() + Duration::from_millis(1500));
@@ -471,7 +547,7 @@ mod tests {
         assert!(first.await.unwrap().is_ok());
         assert_eq!(l.waiting(), 0);
         // New requests may not wait past the deadline either.
-        assert!(l.acquire(k).await.is_err());
+        assert!(l.acquire(k, Duration::ZERO).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -479,10 +555,11 @@ mod tests {
         let l = limiter("[limit]\nrequests_per_second = 5\nsweep_interval = \"1s\"\n");
         let _sweeper = Limiter::spawn_sweeper(&l, Duration::from_secs(1));
         for i in 0..100 {
-            l.acquire(Key::from_credential(&format!("k{i}")))
+            l.acquire(Key::from_credential(&format!("k{i}")), Duration::ZERO)
                 .await
                 .unwrap()
-                .sent();
+                .confirm()
+                .unwrap();
         }
         assert_eq!(l.active_keys(), 100);
         tokio::time::sleep(Duration::from_millis(2100)).await;

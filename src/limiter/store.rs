@@ -30,6 +30,28 @@ impl Store {
         }
     }
 
+    /// Moves `key`'s token stamped at `old` to `now` if it fits (see [`Bucket::restamp`]).
+    pub fn restamp(&self, key: Key, old: Nanos, now: Nanos, quota: Quota) -> bool {
+        self.buckets
+            .get_mut(&key)
+            .is_some_and(|mut bucket| bucket.restamp(old, now, quota))
+    }
+
+    /// Whether `key` is paused at `t`.
+    pub fn is_paused(&self, key: Key, t: Nanos) -> bool {
+        self.buckets
+            .get(&key)
+            .is_some_and(|bucket| bucket.is_paused(t))
+    }
+
+    /// Tokens free for `key` at `now`, and when a request could next be admitted.
+    pub fn peek(&self, key: Key, now: Nanos, quota: Quota) -> (u32, Nanos) {
+        match self.buckets.get_mut(&key) {
+            Some(mut bucket) => bucket.peek(now, quota),
+            None => (quota.capacity, now),
+        }
+    }
+
     /// Pauses `key` until `until`; returns whether it was not paused already.
     pub fn pause(&self, key: Key, now: Nanos, until: Nanos) -> bool {
         self.buckets.entry(key).or_default().pause(now, until)

@@ -28,6 +28,10 @@ pub use body::ProxyBody;
 use headers::{RateState, X_REQUEST_ID};
 use phases::RequestRules;
 
+/// How often a request may queue again because its token no longer fitted by the time it had a
+/// connection (a slow or saturated upstream); then it is answered 429.
+const MAX_ADMISSION_ATTEMPTS: u32 = 4;
+
 /// The proxy, cheap to clone: every connection holds one.
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -266,7 +270,21 @@ impl Proxy {
     {
         let shared = &*self.shared;
         let (parts, body) = req.into_parts();
-        let identity = phases::request_filter(&parts, &shared.rules).map_err(|e| (e, None))?;
+        let identity = phases::request_filter(&parts, &shared.rules).map_err(|e| {
+            // A keyed request refused before spending anything still reports its key's state.
+            let rate = match &e {
+                ProxyError::Refused(_) => phases::identify(&parts, &shared.rules).map(|id| {
+                    let (limit, remaining, reset_after) = shared.limiter.peek(id.key);
+                    RateState {
+                        limit,
+                        remaining,
+                        reset_after,
+                    }
+                }),
+                _ => None,
+            };
+            (e, rate)
+        })?;
         outcome.key = Some(identity.key);
 
         let rejected = |outcome: &mut RequestLog, rejection: Rejection| {
@@ -279,28 +297,41 @@ impl Proxy {
             (ProxyError::RateLimited(rejection), Some(rate))
         };
         // Token first (queueing if need be), then a ready connection, then confirm the token's
-        // stamp: the stamp must be the moment the request leaves, not when it began to wait.
-        let ticket = match shared.limiter.acquire(identity.key).await {
-            Ok(ticket) => ticket,
-            Err(rejection) => return Err(rejected(outcome, rejection)),
-        };
-        let deadline = shared.upstream.deadline();
+        // stamp: the stamp must be the moment the request leaves, not when it began to wait. A
+        // stamp that no longer fits means queueing again, without holding the connection.
         let admitted_rate = |a: Admission| RateState {
             limit: a.limit,
             remaining: a.remaining,
             reset_after: a.reset_after,
         };
-        let lease = shared
-            .upstream
-            .checkout(deadline)
-            .await
-            .map_err(|e| (ProxyError::from(e), Some(admitted_rate(ticket.admission()))))?;
-        let admission = match ticket.confirm().await {
-            Ok(ticket) => ticket.sent(),
-            Err(rejection) => return Err(rejected(outcome, rejection)),
+        let queued_since = Instant::now();
+        let mut attempt = 0;
+        let (admission, lease) = loop {
+            attempt += 1;
+            let ticket = match shared
+                .limiter
+                .acquire(identity.key, queued_since.elapsed())
+                .await
+            {
+                Ok(ticket) => ticket,
+                Err(rejection) => return Err(rejected(outcome, rejection)),
+            };
+            let lease = shared
+                .upstream
+                .checkout(shared.upstream.deadline())
+                .await
+                .map_err(|e| (ProxyError::from(e), Some(admitted_rate(ticket.admission()))))?;
+            match ticket.confirm() {
+                Ok(admission) => break (admission, lease),
+                Err(rejection) if attempt >= MAX_ADMISSION_ATTEMPTS => {
+                    return Err(rejected(outcome, rejection));
+                }
+                Err(_) => drop(lease),
+            }
         };
         outcome.waited = admission.waited;
         let rate = admitted_rate(admission);
+        let deadline = shared.upstream.deadline();
 
         let upstream_req = phases::upstream_request(
             parts,

@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use bytes::Bytes;
 use std::time::{Duration, SystemTime};
 
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HOST, HeaderValue, RETRY_AFTER};
+use http::header::{
+    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST, HeaderValue, RETRY_AFTER,
+};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
@@ -55,8 +57,12 @@ pub fn request_filter(parts: &Parts, rules: &RequestRules) -> Result<Identity, P
     if !rules::path_allowed(parts.uri.path(), &rules.paths) {
         return Err(ProxyError::PathNotAllowed);
     }
-    let identity = key::identify(parts.uri.query(), &parts.headers, rules.default_key)
-        .ok_or(ProxyError::MissingKey)?;
+    let identity = identify(parts, rules).ok_or(ProxyError::MissingKey)?;
+    // Two different keys in one query: the proxy would bucket one while the upstream might honour
+    // the other, a way around the limit.
+    if parts.uri.query().is_some_and(key::has_conflicting_api_keys) {
+        return Err(ProxyError::Refused(status::code::INVALID_INPUT));
+    }
     if let Some(code) = parts
         .uri
         .query()
@@ -65,6 +71,11 @@ pub fn request_filter(parts: &Parts, rules: &RequestRules) -> Result<Identity, P
         return Err(ProxyError::Refused(code));
     }
     Ok(identity)
+}
+
+/// The request's key, if it has one (see [`key::identify`]).
+pub fn identify(parts: &Parts, rules: &RequestRules) -> Option<Identity> {
+    key::identify(parts.uri.query(), &parts.headers, rules.default_key)
 }
 
 /// Builds the upstream request: the upstream's URI and `Host`, no hop-by-hop headers, the
@@ -102,6 +113,7 @@ where
     parts.uri = uri.build().map_err(|_| ProxyError::ForeignTarget)?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    restrict_accept_encoding(&mut parts.headers);
     if let Some(authority) = upstream.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
@@ -131,11 +143,41 @@ fn with_api_key(uri: &Uri, key: &str) -> Option<PathAndQuery> {
     PathAndQuery::try_from(pq).ok()
 }
 
-fn append_forwarded_for(headers: &mut http::HeaderMap, client_ip: IpAddr) {
-    let joined = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-        _ => client_ip.to_string(),
+/// Keeps only the content codings the proxy can read (gzip, deflate, identity) in
+/// `Accept-Encoding`, so an error body can always be inspected; success bodies still come
+/// compressed and pass through untouched.
+fn restrict_accept_encoding(headers: &mut http::HeaderMap) {
+    let Some(value) = headers.get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()) else {
+        return;
     };
+    let kept: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|coding| {
+            let name = coding.split(';').next().unwrap_or_default().trim();
+            ["gzip", "x-gzip", "deflate", "identity"]
+                .iter()
+                .any(|ok| name.eq_ignore_ascii_case(ok))
+        })
+        .collect();
+    if kept.is_empty() {
+        headers.remove(ACCEPT_ENCODING);
+    } else if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(ACCEPT_ENCODING, v);
+    }
+}
+
+fn append_forwarded_for(headers: &mut http::HeaderMap, client_ip: IpAddr) {
+    let mut joined = String::new();
+    for prior in headers.get_all(X_FORWARDED_FOR) {
+        if let Ok(prior) = prior.to_str()
+            && !prior.trim().is_empty()
+        {
+            joined.push_str(prior.trim());
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(&client_ip.to_string());
     headers.remove(X_FORWARDED_FOR);
     if let Ok(value) = HeaderValue::from_str(&joined) {
         headers.insert(X_FORWARDED_FOR, value);

@@ -17,6 +17,9 @@ use tokio::sync::Semaphore;
 use crate::config::ServerConfig;
 use crate::proxy::Proxy;
 
+/// Ping interval (and answer timeout) on HTTP/2 client connections.
+const H2_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves `proxy` on `listener` until `shutdown` completes, then stops accepting, lets in-flight
 /// requests finish for up to `shutdown_timeout`, and returns.
 pub async fn run(
@@ -30,7 +33,12 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // HTTP/2 has no header-read timeout; keep-alive pings close connections whose peer is gone.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(H2_KEEP_ALIVE);
     let limit = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
     let slots = Arc::new(Semaphore::new(limit));
     let graceful = GracefulShutdown::new();
