@@ -302,7 +302,7 @@ pub struct ServerConfig {
 }
 
 /// Where requests go, and how long they may take.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// Scheme and authority of the upstream (`https://api.themoviedb.org`); never a path.
     pub base_url: Uri,

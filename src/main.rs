@@ -53,10 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(args.config, cfg))
 }
 
-async fn serve(cfg: Config) -> ExitCode {
+async fn serve(path: PathBuf, cfg: Config) -> ExitCode {
     let proxy = match Proxy::new(&cfg) {
         Ok(proxy) => proxy,
         Err(error) => {
@@ -78,9 +78,13 @@ async fn serve(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let bound = |l: &tokio::net::TcpListener| {
+        l.local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+    };
     tracing::info!(
-        listen = %cfg.server.listen,
-        admin = %cfg.admin.listen,
+        listen = %bound(&listener),
+        admin = %bound(&admin_listener),
         upstream = %cfg.upstream.base_url,
         requests_per_second = cfg.limit.requests_per_second.get(),
         mode = ?cfg.limit.mode,
@@ -91,7 +95,9 @@ async fn serve(cfg: Config) -> ExitCode {
     let admin = tokio::spawn(admin::run(admin_listener, proxy.clone(), async {
         let _ = admin_stopped.await;
     }));
+    let reloader = tokio::spawn(server::reload::watch(path, proxy.clone(), cfg.clone()));
     server::run(listener, proxy, &cfg.server, server::shutdown::signal()).await;
+    reloader.abort();
     let _ = admin_stop.send(());
     let _ = admin.await;
     tracing::info!("tmdb-proxy stopped");

@@ -305,8 +305,7 @@ async fn body_broken_after_headers_closes_the_connection_without_a_second_respon
     assert!(
         eventually(Duration::from_secs(5), || proxy
             .proxy
-            .upstream()
-            .broken_bodies()
+            .broken_upstream_bodies()
             == 1)
         .await,
         "the break is counted"

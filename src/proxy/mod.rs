@@ -13,15 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{Config, LimitConfig, Secret};
+use crate::config::{Config, Secret, UpstreamConfig};
 use crate::error::ProxyError;
-use crate::limiter::{Admission, Key, Limiter, Rejection};
+use crate::limiter::{Admission, Key, Limiter, Policy, Rejection};
 use crate::metrics::{Metrics, Outcome};
 use crate::upstream::{BoxError, BuildError, Upstream};
 pub use body::ProxyBody;
@@ -41,18 +42,71 @@ pub struct Proxy {
 #[derive(Debug)]
 struct Shared {
     limiter: Arc<Limiter>,
-    upstream: Upstream,
-    rules: RequestRules,
-    limit: LimitConfig,
-    default_key: Option<Secret>,
+    /// What a reload replaces; read once per request.
+    settings: ArcSwap<Settings>,
     metrics: Metrics,
-    /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
-    aliases: HashMap<Key, Arc<str>>,
+    /// Upstream bodies broken mid-stream, across upstream rebuilds.
+    broken_bodies: Arc<AtomicU64>,
     /// False once shutdown began: `/readyz` answers 503 so load balancers stop sending.
     ready: AtomicBool,
     /// Seed and counter for generated request ids.
     id_seed: RandomState,
     id_counter: AtomicU64,
+}
+
+/// The reloadable part of the proxy.
+#[derive(Debug)]
+struct Settings {
+    upstream: Upstream,
+    /// The configuration `upstream` was built from, to rebuild it only when it changed.
+    upstream_cfg: UpstreamConfig,
+    rules: RequestRules,
+    legacy_headers: bool,
+    default_key: Option<Secret>,
+    /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
+    aliases: HashMap<Key, Arc<str>>,
+}
+
+impl Settings {
+    /// Settings for `cfg`, reusing `current`'s upstream pool when its configuration is unchanged.
+    fn new(
+        cfg: &Config,
+        current: Option<&Settings>,
+        broken_bodies: &Arc<AtomicU64>,
+    ) -> Result<Self, BuildError> {
+        let upstream = match current {
+            Some(current) if current.upstream_cfg == cfg.upstream => current.upstream.clone(),
+            _ => Upstream::new(&cfg.upstream, broken_bodies.clone())?,
+        };
+        let default_key = cfg.keys.default_api_key.clone();
+        let rules = RequestRules {
+            upstream: upstream.base().clone(),
+            default_key: default_key
+                .as_ref()
+                .map(|secret| Key::from_credential(secret.expose())),
+            paths: cfg.upstream.paths.clone(),
+            savers: cfg.quota_savers,
+        };
+        let aliases = cfg
+            .keys
+            .aliases
+            .iter()
+            .map(|(alias, secret)| {
+                (
+                    Key::from_credential(secret.expose()),
+                    Arc::from(alias.as_str()),
+                )
+            })
+            .collect();
+        Ok(Self {
+            upstream,
+            upstream_cfg: cfg.upstream.clone(),
+            rules,
+            legacy_headers: cfg.limit.legacy_headers,
+            default_key,
+            aliases,
+        })
+    }
 }
 
 /// The metric outcome of a request the proxy answered itself.
@@ -97,36 +151,14 @@ impl Proxy {
     pub fn new(cfg: &Config) -> Result<Self, BuildError> {
         let limiter = Arc::new(Limiter::new(&cfg.limit));
         Limiter::spawn_sweeper(&limiter, cfg.limit.sweep_interval);
-        let upstream = Upstream::new(&cfg.upstream)?;
-        let default_key = cfg.keys.default_api_key.clone();
-        let rules = RequestRules {
-            upstream: upstream.base().clone(),
-            default_key: default_key
-                .as_ref()
-                .map(|secret| Key::from_credential(secret.expose())),
-            paths: cfg.upstream.paths.clone(),
-            savers: cfg.quota_savers,
-        };
-        let aliases = cfg
-            .keys
-            .aliases
-            .iter()
-            .map(|(alias, secret)| {
-                (
-                    Key::from_credential(secret.expose()),
-                    Arc::from(alias.as_str()),
-                )
-            })
-            .collect();
+        let broken_bodies = Arc::new(AtomicU64::new(0));
+        let settings = Settings::new(cfg, None, &broken_bodies)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 limiter,
-                upstream,
-                rules,
-                limit: cfg.limit.clone(),
-                default_key,
+                settings: ArcSwap::from_pointee(settings),
                 metrics: Metrics::new(),
-                aliases,
+                broken_bodies,
                 ready: AtomicBool::new(true),
                 id_seed: RandomState::new(),
                 id_counter: AtomicU64::new(0),
@@ -134,14 +166,27 @@ impl Proxy {
         })
     }
 
+    /// Puts a new (already validated) configuration in force without dropping connections:
+    /// limits, keys, aliases, paths, quota savers and headers apply to requests from now on;
+    /// buckets keep their state. The upstream pool is rebuilt only if `[upstream]` changed
+    /// (requests in flight finish on the old one). Listen addresses, logging and the sweep
+    /// interval are fixed at start.
+    pub fn reload(&self, cfg: &Config) -> Result<(), BuildError> {
+        let current = self.shared.settings.load_full();
+        let settings = Settings::new(cfg, Some(&current), &self.shared.broken_bodies)?;
+        self.shared.settings.store(Arc::new(settings));
+        self.shared.limiter.set_policy(Policy::new(&cfg.limit));
+        Ok(())
+    }
+
     /// The limiter, for inspection (tests, metrics).
     pub fn limiter(&self) -> &Limiter {
         &self.shared.limiter
     }
 
-    /// The upstream client, for inspection (tests, metrics).
-    pub fn upstream(&self) -> &Upstream {
-        &self.shared.upstream
+    /// Upstream response bodies that broke after their headers had been passed on.
+    pub fn broken_upstream_bodies(&self) -> u64 {
+        self.shared.broken_bodies.load(Ordering::Relaxed)
     }
 
     /// The proxy's metrics.
@@ -155,7 +200,7 @@ impl Proxy {
         shared.metrics.render(
             shared.limiter.waiting(),
             shared.limiter.active_keys(),
-            shared.upstream.broken_bodies(),
+            shared.broken_bodies.load(Ordering::Relaxed),
         )
     }
 
@@ -226,7 +271,7 @@ impl Proxy {
                     headers::insert_rate_limit(
                         response.headers_mut(),
                         rate,
-                        self.shared.limit.legacy_headers,
+                        self.shared.settings.load().legacy_headers,
                     );
                 }
                 match &error {
@@ -254,7 +299,8 @@ impl Proxy {
     }
 
     fn record(&self, outcome: Outcome, code: Option<u16>, key: Option<Key>) {
-        let alias = key.and_then(|k| self.shared.aliases.get(&k)).map(|a| &**a);
+        let settings = self.shared.settings.load();
+        let alias = key.and_then(|k| settings.aliases.get(&k)).map(|a| &**a);
         self.shared.metrics.record_request(outcome, code, alias);
     }
 
@@ -269,11 +315,12 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let shared = &*self.shared;
+        let settings = shared.settings.load_full();
         let (parts, body) = req.into_parts();
-        let identity = phases::request_filter(&parts, &shared.rules).map_err(|e| {
+        let identity = phases::request_filter(&parts, &settings.rules).map_err(|e| {
             // A keyed request refused before spending anything still reports its key's state.
             let rate = match &e {
-                ProxyError::Refused(_) => phases::identify(&parts, &shared.rules).map(|id| {
+                ProxyError::Refused(_) => phases::identify(&parts, &settings.rules).map(|id| {
                     let (limit, remaining, reset_after) = shared.limiter.peek(id.key);
                     RateState {
                         limit,
@@ -316,9 +363,9 @@ impl Proxy {
                 Ok(ticket) => ticket,
                 Err(rejection) => return Err(rejected(outcome, rejection)),
             };
-            let lease = shared
+            let lease = settings
                 .upstream
-                .checkout(shared.upstream.deadline())
+                .checkout(settings.upstream.deadline())
                 .await
                 .map_err(|e| (ProxyError::from(e), Some(admitted_rate(ticket.admission()))))?;
             match ticket.confirm() {
@@ -331,19 +378,19 @@ impl Proxy {
         };
         outcome.waited = admission.waited;
         let rate = admitted_rate(admission);
-        let deadline = shared.upstream.deadline();
+        let deadline = settings.upstream.deadline();
 
         let upstream_req = phases::upstream_request(
             parts,
             body,
             identity,
-            &shared.rules.upstream,
-            shared.default_key.as_ref(),
+            &settings.rules.upstream,
+            settings.default_key.as_ref(),
             client.ip(),
         )
         .map_err(|e| (e, Some(rate)))?;
         let sent = Instant::now();
-        let result = shared.upstream.send(lease, upstream_req, deadline).await;
+        let result = settings.upstream.send(lease, upstream_req, deadline).await;
         outcome.upstream_latency = Some(sent.elapsed());
         if result.is_ok() {
             shared.metrics.record_upstream_latency(sent.elapsed());
@@ -371,7 +418,7 @@ impl Proxy {
         let mut response = phases::response_filter(response, rate, upstream_429, deadline)
             .await
             .map_err(|e| (e, Some(rate)))?;
-        headers::insert_rate_limit(response.headers_mut(), rate, shared.limit.legacy_headers);
+        headers::insert_rate_limit(response.headers_mut(), rate, settings.legacy_headers);
         Ok(response)
     }
 }

@@ -1,6 +1,7 @@
 //! The client listener: accepts connections, serves HTTP/1.1 and HTTP/2 (h2c) on each, caps how
 //! many are open, and drains them on shutdown. Sockets and tasks only; no business logic.
 
+pub mod reload;
 pub mod shutdown;
 
 use std::convert::Infallible;

@@ -9,6 +9,7 @@
 mod pool;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -75,7 +76,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the client. Must run inside a tokio runtime.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, BuildError> {
+    /// Builds the client. `broken_bodies` counts response bodies that break mid-stream.
+    pub fn new(cfg: &UpstreamConfig, broken_bodies: Arc<AtomicU64>) -> Result<Self, BuildError> {
         let tls = tls_config(cfg)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -94,6 +96,7 @@ impl Upstream {
                 max,
                 cfg.connect_timeout,
                 cfg.idle_timeout,
+                broken_bodies,
             ),
             base: cfg.base_url.clone(),
             request_timeout: cfg.request_timeout,
@@ -103,11 +106,6 @@ impl Upstream {
     /// The upstream's scheme and authority.
     pub fn base(&self) -> &Uri {
         &self.base
-    }
-
-    /// Response bodies that broke after their headers had been passed on.
-    pub fn broken_bodies(&self) -> u64 {
-        self.pool.broken_bodies()
     }
 
     /// The deadline for a request's response headers, starting now.

@@ -47,7 +47,7 @@ pub(super) struct Inner {
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Response bodies that broke after their headers had gone to the client.
-    broken_bodies: AtomicU64,
+    broken_bodies: Arc<AtomicU64>,
 }
 
 /// The pool. Cheap to clone.
@@ -77,6 +77,7 @@ impl Pool {
         max_connections: usize,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        broken_bodies: Arc<AtomicU64>,
     ) -> Self {
         let inner = Arc::new(Inner {
             connector,
@@ -85,15 +86,10 @@ impl Pool {
             leases: Arc::new(Semaphore::new(max_connections)),
             connect_timeout,
             idle_timeout,
-            broken_bodies: AtomicU64::new(0),
+            broken_bodies,
         });
         spawn_reaper(Arc::downgrade(&inner), idle_timeout);
         Self { inner }
-    }
-
-    /// Response bodies that broke mid-stream so far.
-    pub(super) fn broken_bodies(&self) -> u64 {
-        self.inner.broken_bodies.load(Ordering::Relaxed)
     }
 
     /// A ready connection: an idle one if any is usable, else a new one once a permit is free.

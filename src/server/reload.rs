@@ -1,0 +1,96 @@
+//! Configuration reload: on SIGHUP, and when the file's modification time changes, the file is
+//! read and validated again and, if valid, put in force without dropping connections. An invalid
+//! file is refused with an error log and the running configuration stays.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+
+/// How often the file's modification time is checked.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// Reloads `path` into `proxy` on SIGHUP or when the file changes, forever. `running` is the
+/// configuration the process started with, to warn about settings a reload cannot change.
+pub async fn watch(path: PathBuf, proxy: Proxy, running: Config) {
+    #[cfg(unix)]
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reloading on file changes only");
+            None
+        }
+    };
+    let mut seen = modified(&path);
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let reason = tokio::select! {
+            _ = hup => "SIGHUP",
+            _ = poll.tick() => {
+                if modified(&path) == seen {
+                    continue;
+                }
+                "file changed"
+            }
+        };
+        reload(&path, &proxy, &running, reason);
+        seen = modified(&path);
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Loads, validates and applies `path` once, logging the outcome.
+pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config, reason: &str) {
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(error) => {
+            tracing::error!(%reason, %error, "configuration reload refused; keeping the running configuration");
+            return;
+        }
+    };
+    if let Err(error) = proxy.reload(&cfg) {
+        tracing::error!(%reason, %error, "configuration reload refused; keeping the running configuration");
+        return;
+    }
+    let fixed = [
+        ("server.listen", cfg.server.listen != running.server.listen),
+        ("admin.listen", cfg.admin.listen != running.admin.listen),
+        (
+            "log",
+            cfg.log.level != running.log.level || cfg.log.format != running.log.format,
+        ),
+        (
+            "limit.sweep_interval",
+            cfg.limit.sweep_interval != running.limit.sweep_interval,
+        ),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            tracing::warn!(
+                key,
+                "changed in the file, but takes effect only after a restart"
+            );
+        }
+    }
+    tracing::info!(
+        %reason,
+        requests_per_second = cfg.limit.requests_per_second.get(),
+        overrides = cfg.limit.overrides.len(),
+        global_requests_per_second = cfg.limit.global_requests_per_second.map(|r| r.get()),
+        "configuration reloaded"
+    );
+}
