@@ -1,0 +1,299 @@
+//! Operating the proxy: admin endpoints, metrics, request ids, per-key overrides, the global
+//! ceiling, and reload, in process over real sockets.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use support::*;
+use tmdb_proxy::Config;
+use tmdb_proxy::sim::{Route, SimConfig, max_in_window};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Starts the admin listener for `proxy` on 127.0.0.1:0; returns its base URL.
+async fn admin(proxy: &Running) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(tmdb_proxy::admin::run(
+        listener,
+        proxy.proxy.clone(),
+        std::future::pending(),
+    ));
+    url
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert(
+        "/3/broken".into(),
+        Route::Fixed {
+            status: StatusCode::BAD_GATEWAY,
+            headers: vec![("content-type".into(), "text/html".into())],
+            body: Bytes::from_static(b"<html>bad gateway</html>"),
+        },
+    );
+    let sim = sim_with(cfg).await;
+    let proxy = spawn_proxy(
+        "[limit]\nrequests_per_second = 2\nmode = \"reject\"\n[keys.aliases]\nweb = \"WEBKEY\"\n",
+        &sim.url(),
+    )
+    .await;
+    let admin = admin(&proxy).await;
+    let client = http1_client();
+
+    let health = get(&client, &format!("{admin}/healthz")).await;
+    assert_eq!((health.status, health.text()), (StatusCode::OK, "ok\n"));
+    assert_eq!(get(&client, &format!("{admin}/readyz")).await.status, 200);
+    assert_eq!(get(&client, &format!("{admin}/nope")).await.status, 404);
+
+    let before = get(&client, &format!("{admin}/metrics")).await;
+    assert!(
+        before
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let forwarded = r#"tmdb_proxy_requests_total{outcome="forwarded",code=""}"#;
+    assert_eq!(metric(before.text(), forwarded), 0.0);
+
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=WEBKEY"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=WEBKEY"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=WEBKEY"))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(get(&client, &proxy.url("/3/movie/1")).await.status, 401);
+    assert_eq!(
+        get(&client, &proxy.url("/3/broken?api_key=OTHER"))
+            .await
+            .status,
+        502
+    );
+
+    let after = get(&client, &format!("{admin}/metrics")).await;
+    let text = after.text();
+    assert_eq!(metric(text, forwarded), 2.0, "{text}");
+    assert_eq!(
+        metric(
+            text,
+            r#"tmdb_proxy_requests_total{outcome="limited",code="25"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            text,
+            r#"tmdb_proxy_requests_total{outcome="rejected_invalid",code="7"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            text,
+            r#"tmdb_proxy_requests_total{outcome="upstream_error",code="43"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            text,
+            r#"tmdb_proxy_key_requests_total{alias="web",outcome="forwarded"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            text,
+            r#"tmdb_proxy_key_requests_total{alias="web",outcome="limited"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(text, "tmdb_proxy_upstream_latency_seconds_count"),
+        3.0
+    );
+    assert!(metric(text, "tmdb_proxy_active_buckets") >= 2.0);
+    assert!(metric(text, "tmdb_proxy_client_connections") >= 1.0);
+    // Keys never appear, only aliases.
+    assert!(!text.contains("WEBKEY") && !text.contains("OTHER"));
+
+    proxy
+        .proxy
+        .begin_drain(tokio::time::Instant::now() + Duration::from_secs(5));
+    let draining = get(&client, &format!("{admin}/readyz")).await;
+    assert_eq!(draining.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(get(&client, &format!("{admin}/healthz")).await.status, 200);
+}
+
+#[tokio::test]
+async fn upstream_429s_and_queue_are_counted() {
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert(
+        "/3/limited".into(),
+        Route::json(429, r#"{"status_code":25,"status_message":"x"}"#),
+    );
+    let sim = sim_with(cfg).await;
+    let proxy = spawn_proxy(
+        "[limit]\nrequests_per_second = 1\nmax_wait = \"5s\"\n",
+        &sim.url(),
+    )
+    .await;
+    let admin = admin(&proxy).await;
+    let client = http1_client();
+    assert_eq!(
+        get(&client, &proxy.url("/3/limited?api_key=U"))
+            .await
+            .status,
+        429
+    );
+    // A request queued behind the pause shows in the queue gauge.
+    let waiter = {
+        let (client, url) = (client.clone(), proxy.url("/3/movie/1?api_key=U"));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    let limiter = proxy.proxy.limiter();
+    assert!(eventually(Duration::from_secs(5), || limiter.waiting() == 1).await);
+    let text = get(&client, &format!("{admin}/metrics"))
+        .await
+        .text()
+        .to_owned();
+    assert_eq!(
+        metric(&text, "tmdb_proxy_upstream_429_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "tmdb_proxy_queue_waiting"), 1.0);
+    assert_eq!(waiter.await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_or_generated_and_echoed() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let client = http1_client();
+    let kept = get_with(
+        &client,
+        &proxy.url("/3/movie/1?api_key=R"),
+        &[("x-request-id", "abc-123")],
+    )
+    .await;
+    assert_eq!(kept.header("x-request-id"), Some("abc-123"));
+    let generated = get(&client, &proxy.url("/3/movie/1")).await;
+    let id = generated.header("x-request-id").expect("generated id");
+    assert_eq!(id.len(), 16);
+    let unsafe_id = get_with(
+        &client,
+        &proxy.url("/3/movie/1?api_key=R"),
+        &[("x-request-id", "a b\"c")],
+    )
+    .await;
+    assert_ne!(unsafe_id.header("x-request-id"), Some("a b\"c"));
+}
+
+/// Arrival times at the stand-in for one credential.
+fn times_of(sim: &tmdb_proxy::sim::Sim, credential: &str) -> Vec<tokio::time::Instant> {
+    sim.arrivals()
+        .iter()
+        .filter(|a| a.credential.as_deref() == Some(credential))
+        .map(|a| a.at)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_overrides_and_the_global_ceiling_hold_at_the_upstream() {
+    let sim = sim().await;
+    let proxy = spawn_proxy(
+        "[keys.aliases]\nslow = \"SLOWKEY\"\n\
+         [limit]\nrequests_per_second = 10\nglobal_requests_per_second = 15\nmode = \"reject\"\n\
+         [[limit.overrides]]\nalias = \"slow\"\nrequests_per_second = 3\n\
+         [[limit.overrides]]\nkey = \"FASTKEY\"\nrequests_per_second = 40\n",
+        &sim.url(),
+    )
+    .await;
+    let client = http1_client();
+    let mut tasks = Vec::new();
+    for key in ["SLOWKEY", "FASTKEY", "PLAIN"] {
+        for _ in 0..30 {
+            let (client, url) = (
+                client.clone(),
+                proxy.url(&format!("/3/movie/1?api_key={key}")),
+            );
+            tasks.push(tokio::spawn(async move { get(&client, &url).await.status }));
+        }
+    }
+    for task in tasks {
+        let status = task.await.unwrap();
+        assert!(status == 200 || status == 429);
+    }
+    let one_second = Duration::from_secs(1);
+    assert!(max_in_window(&times_of(&sim, "SLOWKEY"), one_second) <= 3);
+    assert!(max_in_window(&times_of(&sim, "PLAIN"), one_second) <= 10);
+    let all: Vec<_> = sim.arrivals().iter().map(|a| a.at).collect();
+    assert!(max_in_window(&all, one_second) <= 15, "global ceiling");
+    assert_eq!(all.len(), 15, "the global budget was used in full");
+}
+
+#[tokio::test]
+async fn reload_applies_a_lower_limit_on_an_open_keep_alive_connection() {
+    let sim = sim().await;
+    let base = "[limit]\nmode = \"reject\"\nrequests_per_second = ";
+    let mut env = HashMap::new();
+    env.insert("TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(), sim.url());
+    let proxy = spawn_proxy(&format!("{base}5\n"), &sim.url()).await;
+
+    // One HTTP/1.1 connection for the whole test.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut send = async |key: &str| {
+        let req = Request::get(format!("/3/movie/1?api_key={key}"))
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        let response = sender
+            .send_request(req)
+            .await
+            .expect("connection still open");
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        status
+    };
+    assert_eq!(send("BEFORE").await, 200);
+    assert_eq!(send("BEFORE").await, 200);
+
+    let lower = Config::from_toml_with_env(&format!("{base}1\n"), Some(env.clone())).unwrap();
+    proxy.proxy.reload(&lower).unwrap();
+    assert_eq!(send("AFTER").await, 200);
+    assert_eq!(send("AFTER").await, 429, "the new limit of 1 applies");
+    // The key with history keeps its bucket: two already spent, over the new limit.
+    assert_eq!(send("BEFORE").await, 429);
+}

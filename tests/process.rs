@@ -1,0 +1,307 @@
+//! The `tmdb-proxy` binary as an operator runs it: signals, reload, exit codes, and logs that
+//! never show a key. Each test starts the binary (stopped by PID at the end) in front of an
+//! in-process TMDB stand-in.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use tmdb_proxy::sim::{Route, SimConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running `tmdb-proxy` process.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    config: PathBuf,
+}
+
+impl Process {
+    /// Writes `toml` to a temporary file and starts the binary on it, on 127.0.0.1:0.
+    async fn start(name: &str, toml: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tmdb-proxy-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("tmdb-proxy.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .env("TMDB_PROXY__SERVER__LISTEN", "127.0.0.1:0")
+            .env("TMDB_PROXY__ADMIN__LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("binary starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = reader.next_line().await {
+                if line.contains("tmdb-proxy listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let listening = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("the proxy starts within 30 s")
+            .expect("the proxy logs its addresses");
+        // Text (`listen=ADDR`) or JSON (`"fields":{"listen":"ADDR"}`) log line.
+        let json: Option<serde_json::Value> = serde_json::from_str(&listening).ok();
+        let field = |name: &str| -> SocketAddr {
+            let text = match &json {
+                Some(json) => json["fields"][name].as_str().map(str::to_owned),
+                None => listening
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .map(str::to_owned),
+            };
+            text.and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {listening}"))
+        };
+        Self {
+            addr: field("listen"),
+            admin: field("admin"),
+            child,
+            lines,
+            config,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    async fn wait(mut self, within: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the process exits in time")
+            .unwrap();
+        let _ = std::fs::remove_dir_all(self.config.parent().unwrap());
+        status.code()
+    }
+}
+
+fn config_for(sim: &tmdb_proxy::sim::Sim, extra: &str) -> String {
+    format!("[upstream]\nbase_url = \"{}\"\n{extra}", sim.url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
+    let sim = sim_with(SimConfig {
+        latency: Duration::from_millis(1500),
+        ..SimConfig::default()
+    })
+    .await;
+    let proxy = Process::start("sigterm", &config_for(&sim, "")).await;
+    let client = http1_client();
+    let slow = {
+        let (client, url) = (client.clone(), proxy.url("/3/movie/550?api_key=TERMKEY"));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    assert!(eventually(Duration::from_secs(10), || sim.hits() == 1).await);
+    proxy.signal("TERM");
+    // Not ready any more while it drains.
+    let admin = proxy.admin_url("/readyz");
+    let mut draining = false;
+    for _ in 0..100 {
+        if get(&client, &admin).await.status == 503 {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(draining, "/readyz answers 503 while draining");
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200, "the in-flight request completes");
+    assert_eq!(reply.json()["id"], 550);
+    assert_eq!(proxy.wait(Duration::from_secs(15)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
+    let sim = sim().await;
+    let proxy = Process::start(
+        "sighup",
+        &config_for(
+            &sim,
+            "[limit]\nmode = \"reject\"\nrequests_per_second = 5\n",
+        ),
+    )
+    .await;
+    let client = http1_client();
+    for _ in 0..2 {
+        assert_eq!(
+            get(&client, &proxy.url("/3/movie/1?api_key=A"))
+                .await
+                .status,
+            200
+        );
+    }
+
+    std::fs::write(
+        &proxy.config,
+        config_for(
+            &sim,
+            "[limit]\nmode = \"reject\"\nrequests_per_second = 1\n",
+        ),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .count("configuration reloaded")
+            >= 1)
+        .await
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=B"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=B"))
+            .await
+            .status,
+        429
+    );
+
+    std::fs::write(&proxy.config, "[limit]\nrequests_per_second = \"many\"\n").unwrap();
+    proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || proxy.count("reload refused")
+            >= 1)
+        .await
+    );
+    // The running configuration (limit 1) stays.
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=C"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=C"))
+            .await
+            .status,
+        429
+    );
+
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait(Duration::from_secs(15)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_line_shows_a_key_or_token() {
+    let mut cfg = SimConfig::default();
+    cfg.routes.insert(
+        "/3/html".into(),
+        Route::json(502, "<html>edge error</html>"),
+    );
+    let sim = sim_with(cfg).await;
+    let proxy = Process::start(
+        "secrets",
+        &config_for(
+            &sim,
+            "[keys]\ndefault_api_key = \"DEFAULTSECRET0001\"\n[log]\nlevel = \"debug\"\n",
+        ),
+    )
+    .await;
+    let client = http1_client();
+    let jwt = jwt_with_aud("AUDSECRET0003");
+    let bearer = format!("Bearer {jwt}");
+    let requests: [(&str, Vec<(&str, &str)>); 6] = [
+        ("/3/movie/1?api_key=QUERYSECRET0002", vec![]),
+        ("/3/movie/2", vec![("authorization", bearer.as_str())]),
+        (
+            "/3/movie/3",
+            vec![("authorization", "Bearer OPAQUESECRET0004")],
+        ),
+        ("/3/movie/4", vec![]),
+        ("/3/html?api_key=QUERYSECRET0002", vec![]),
+        ("/3/movie/5?api_key=QUERYSECRET0002&page=0", vec![]),
+    ];
+    for (path, headers) in &requests {
+        get_with(&client, &proxy.url(path), headers).await;
+    }
+    proxy.signal("TERM");
+    let lines = proxy.log();
+    assert!(proxy.wait(Duration::from_secs(15)).await == Some(0));
+    assert!(
+        lines.iter().any(|l| l.contains("request")),
+        "requests were logged"
+    );
+    for secret in [
+        "DEFAULTSECRET0001",
+        "QUERYSECRET0002",
+        "AUDSECRET0003",
+        "OPAQUESECRET0004",
+        jwt.as_str(),
+    ] {
+        for line in &lines {
+            assert!(!line.contains(secret), "{secret} logged: {line}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id() {
+    let sim = sim().await;
+    let proxy = Process::start("json", &config_for(&sim, "[log]\nformat = \"json\"\n")).await;
+    let reply = get_with(
+        &http1_client(),
+        &proxy.url("/3/movie/1?api_key=J"),
+        &[("x-request-id", "trace-me-42")],
+    )
+    .await;
+    assert_eq!(reply.header("x-request-id"), Some("trace-me-42"));
+    proxy.signal("TERM");
+    let lines = proxy.log();
+    assert_eq!(proxy.wait(Duration::from_secs(15)).await, Some(0));
+    let line = lines
+        .iter()
+        .find(|l| l.contains("trace-me-42"))
+        .expect("the request's log line");
+    let json: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
+    assert_eq!(json["span"]["id"], "trace-me-42");
+    assert_eq!(json["fields"]["status"], 200);
+}
