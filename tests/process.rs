@@ -50,10 +50,10 @@ impl Process {
         tokio::spawn(async move {
             let mut tx = Some(tx);
             while let Ok(Some(line)) = reader.next_line().await {
-                if line.contains("tmdb-proxy listening") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(line.clone());
-                    }
+                if line.contains("tmdb-proxy listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
                 }
                 sink.lock().unwrap().push(line);
             }
