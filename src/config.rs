@@ -12,6 +12,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
@@ -132,10 +133,18 @@ impl Default for RawQuotaSavers {
     }
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    cert_file: String,
+    key_file: String,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     listen: String,
+    tls: RawTls,
     max_connections: u32,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
@@ -147,6 +156,7 @@ impl Default for RawServer {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.to_owned(),
+            tls: RawTls::default(),
             max_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -299,6 +309,32 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// HTTPS on the client listener (`[server.tls]`); `None`: plain HTTP (and h2c).
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS for the client listener: the certificate chain and key, loaded and checked at start.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// rustls (ring provider) with ALPN `h2`, `http/1.1`.
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl PartialEq for TlsConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_file == other.cert_file && self.key_file == other.key_file
+    }
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where requests go, and how long they may take.
@@ -479,7 +515,51 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         max_connections: non_zero("server.max_connections", raw.max_connections)?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
         shutdown_timeout: bounded("server.shutdown_timeout", raw.shutdown_timeout)?,
+        tls: validate_tls(raw.tls)?,
     })
+}
+
+fn validate_tls(raw: RawTls) -> Result<Option<TlsConfig>, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert_file, key_file) = (raw.cert_file.trim(), raw.key_file.trim());
+    match (cert_file.is_empty(), key_file.is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {}
+        _ => {
+            return Err(invalid(
+                "server.tls",
+                "set both cert_file and key_file (PEM), or neither",
+            ));
+        }
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(Iterator::collect)
+        .map_err(|e| invalid("server.tls.cert_file", format!("`{cert_file}`: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "server.tls.cert_file",
+            format!("`{cert_file}` holds no PEM certificate"),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| invalid("server.tls.key_file", format!("`{key_file}`: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| {
+            invalid(
+                "server.tls",
+                format!("the certificate and key do not make a usable TLS configuration: {e}"),
+            )
+        })?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsConfig {
+        cert_file: PathBuf::from(cert_file),
+        key_file: PathBuf::from(key_file),
+        server: Arc::new(server),
+    }))
 }
 
 fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {

@@ -43,6 +43,10 @@ pub async fn run(
     let limit = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
     let slots = Arc::new(Semaphore::new(limit));
     let graceful = GracefulShutdown::new();
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|tls| tokio_rustls::TlsAcceptor::from(tls.server.clone()));
     tokio::pin!(shutdown);
 
     loop {
@@ -75,12 +79,34 @@ pub async fn run(
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
+            let served = match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                // The handshake runs in the connection's task, bounded like a header read, so a
+                // slow client cannot hold up the accept loop.
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, error = %error, "client connection ended with an error");
             }
             counted.metrics().client_disconnected();
