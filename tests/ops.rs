@@ -279,6 +279,10 @@ async fn reload_applies_a_lower_limit_on_an_open_keep_alive_connection() {
             .header("host", "localhost")
             .body(Empty::new())
             .unwrap();
+        sender
+            .ready()
+            .await
+            .expect("keep-alive connection still open");
         let response = sender
             .send_request(req)
             .await

@@ -10,6 +10,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use support::*;
 use tmdb_proxy::sim::{Route, SimConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -168,13 +171,33 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     )
     .await;
     let client = http1_client();
+    // One keep-alive connection, open across the reload.
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut send = async |key: &str| {
+        let req = Request::get(format!("/3/movie/1?api_key={key}"))
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        sender
+            .ready()
+            .await
+            .expect("keep-alive connection still open");
+        let response = sender
+            .send_request(req)
+            .await
+            .expect("keep-alive connection still open");
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        status
+    };
     for _ in 0..2 {
-        assert_eq!(
-            get(&client, &proxy.url("/3/movie/1?api_key=A"))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(send("A").await, 200);
     }
 
     std::fs::write(
@@ -192,17 +215,11 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
             >= 1)
         .await
     );
+    assert_eq!(send("B").await, 200);
     assert_eq!(
-        get(&client, &proxy.url("/3/movie/1?api_key=B"))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        get(&client, &proxy.url("/3/movie/1?api_key=B"))
-            .await
-            .status,
-        429
+        send("B").await,
+        429,
+        "the lower limit applies on the same connection"
     );
 
     std::fs::write(&proxy.config, "[limit]\nrequests_per_second = \"many\"\n").unwrap();
