@@ -39,8 +39,11 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Default safety margin added to the one-second window, covering scheduling and network jitter
 /// between the proxy's admission and the upstream's arrival clock: 50 ms.
 pub const DEFAULT_WINDOW_MARGIN: Duration = Duration::from_millis(50);
-/// Default period of the sweep that drops buckets of idle keys: 10 s.
-pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Default period of the sweep that drops buckets of idle keys: 1 s (a bucket is idle one window
+/// after its last request, so a flood of one-off keys never holds more than ~2 s of them).
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Default cap on keys with a bucket in memory; a new key beyond it gets 429 (code 25).
+pub const DEFAULT_MAX_KEYS: u32 = 100_000;
 /// Default time allowed for a client to send its request headers: 30 s.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default cap on concurrent client connections.
@@ -223,6 +226,7 @@ struct RawLimit {
     window_margin: Duration,
     #[serde(with = "humantime_serde")]
     sweep_interval: Duration,
+    max_keys: u32,
     global_requests_per_second: u32,
     overrides: Vec<RawOverride>,
 }
@@ -247,6 +251,7 @@ impl Default for RawLimit {
             legacy_headers: false,
             window_margin: DEFAULT_WINDOW_MARGIN,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            max_keys: DEFAULT_MAX_KEYS,
             global_requests_per_second: 0,
             overrides: Vec::new(),
         }
@@ -380,6 +385,8 @@ pub struct LimitConfig {
     pub window_margin: Duration,
     /// How often buckets of idle keys are dropped.
     pub sweep_interval: Duration,
+    /// Most keys with a bucket at once; `None`: no cap.
+    pub max_keys: Option<NonZeroU32>,
     /// Keys with a rate of their own (an alias already resolved to its key).
     pub overrides: Vec<(Secret, NonZeroU32)>,
     /// Ceiling across all keys together; `None`: no global ceiling.
@@ -732,6 +739,7 @@ fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, Confi
         legacy_headers: raw.legacy_headers,
         window_margin: raw.window_margin,
         sweep_interval: positive("limit.sweep_interval", raw.sweep_interval)?,
+        max_keys: NonZeroU32::new(raw.max_keys),
         overrides,
         global_requests_per_second,
     })

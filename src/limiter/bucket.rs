@@ -21,7 +21,7 @@
 //! Times are `u64` nanoseconds since the limiter's epoch, which keeps entries small and the math
 //! exact.
 
-use std::collections::VecDeque;
+use smallvec::SmallVec;
 
 /// Nanoseconds since the limiter's epoch.
 pub type Nanos = u64;
@@ -69,12 +69,55 @@ pub enum Decision {
     },
 }
 
+/// Stamps in time order: a ring over a small vector that keeps the first two inline, so the
+/// common bucket (a key with a request or two in the window) needs no heap allocation.
+#[derive(Debug, Clone, Default)]
+struct Log {
+    buf: SmallVec<[Nanos; 2]>,
+    /// Index of the oldest live stamp in `buf`; earlier ones were popped.
+    head: usize,
+}
+
+impl std::ops::Deref for Log {
+    type Target = [Nanos];
+
+    fn deref(&self) -> &[Nanos] {
+        &self.buf[self.head..]
+    }
+}
+
+impl Log {
+    fn pop_front(&mut self) {
+        self.head += 1;
+        if self.head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+        } else if self.head >= 16 && self.head * 2 >= self.buf.len() {
+            // Compact once the popped prefix outweighs the live part: amortised O(1) per pop.
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+    }
+
+    fn push_back(&mut self, t: Nanos) {
+        self.buf.push(t);
+    }
+
+    fn insert(&mut self, i: usize, t: Nanos) {
+        self.buf.insert(self.head + i, t);
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.buf.remove(self.head + i);
+    }
+}
+
 /// One key's state: when each token still out was spent, oldest first.
 ///
 /// Entries in the future are queued requests that were granted a slot and are waiting for it.
 #[derive(Debug, Clone, Default)]
 pub struct Bucket {
-    spent: VecDeque<Nanos>,
+    spent: Log,
     /// While pacing: the theoretical time of the next paced admission (GCRA's TAT).
     pace: Option<Nanos>,
     /// Last time a request found every token spent.
@@ -83,7 +126,7 @@ pub struct Bucket {
     paused_until: Nanos,
     /// Queued slots given back by requests that went away, offered to the next requests so a
     /// departed client's turn is not lost. Usually empty (no allocation).
-    holes: Vec<Nanos>,
+    holes: Option<Box<Vec<Nanos>>>,
 }
 
 impl Bucket {
@@ -91,7 +134,7 @@ impl Bucket {
     fn refill(&mut self, now: Nanos, quota: Quota) {
         while self
             .spent
-            .front()
+            .first()
             .is_some_and(|&t| t.saturating_add(quota.window) <= now)
         {
             self.spent.pop_front();
@@ -122,21 +165,23 @@ impl Bucket {
 
     /// The earliest usable slot given back by a departed request, if any.
     fn reusable_hole(&mut self, now: Nanos, quota: Quota) -> Option<Nanos> {
-        if self.holes.is_empty() {
-            return None;
-        }
+        let mut holes = self.holes.take()?;
         let floor = now.max(self.paused_until);
-        self.holes.retain(|&h| h >= floor);
-        self.holes.sort_unstable();
-        let i = (0..self.holes.len()).find(|&i| self.fits(self.holes[i], quota))?;
-        Some(self.holes.remove(i))
+        holes.retain(|&h| h >= floor);
+        holes.sort_unstable();
+        let found = (0..holes.len()).find(|&i| self.fits(holes[i], quota));
+        let hole = found.map(|i| holes.remove(i));
+        if !holes.is_empty() {
+            self.holes = Some(holes);
+        }
+        hole
     }
 
     /// Earliest time at or after `now` a new request could be admitted, keeping FIFO order behind
     /// queued requests. Assumes `refill(now)` has run.
     fn next_slot(&self, now: Nanos, quota: Quota) -> Nanos {
         let mut slot = now;
-        if let Some(&last) = self.spent.back() {
+        if let Some(&last) = self.spent.last() {
             slot = slot.max(last);
         }
         if let Some(tat) = self.pace {
@@ -177,7 +222,7 @@ impl Bucket {
                     next_free: self.next_slot(now, quota),
                 };
             }
-            self.holes.push(hole);
+            self.holes.get_or_insert_default().push(hole);
         }
         let at = self.next_slot(now, quota);
         if at - now > max_wait {
@@ -208,8 +253,8 @@ impl Bucket {
             self.spent.remove(i);
             // A slot other than the last leaves a hole the next request can take. (Holes in the
             // past are dropped when next looked at.)
-            if self.spent.back().is_some_and(|&last| last > at) {
-                self.holes.push(at);
+            if self.spent.last().is_some_and(|&last| last > at) {
+                self.holes.get_or_insert_default().push(at);
             }
         }
     }
@@ -257,7 +302,7 @@ impl Bucket {
         self.paused_until <= now
             && self
                 .spent
-                .back()
+                .last()
                 .is_none_or(|&last| last.saturating_add(quota.window) <= now)
     }
 
@@ -286,6 +331,16 @@ mod tests {
             Decision::Admit { at, .. } => at,
             Decision::Deny { .. } => panic!("denied: {d:?}"),
         }
+    }
+
+    /// A bucket stays small: with its key it fits in about a cache line (memory per live key).
+    #[test]
+    fn bucket_is_compact() {
+        assert!(
+            std::mem::size_of::<Bucket>() <= 80,
+            "{}",
+            std::mem::size_of::<Bucket>()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod key;
 pub mod store;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pub struct Policy {
     pub max_wait: Nanos,
     /// How far a token's stamp may lie before the moment its request is sent (half the margin).
     pub tolerance: Nanos,
+    /// Most keys with a bucket at once (`usize::MAX`: no cap).
+    pub max_keys: usize,
 }
 
 impl Policy {
@@ -84,6 +86,9 @@ impl Policy {
             global: cfg.global_requests_per_second.map(|rps| quota(rps.get())),
             max_wait: duration_nanos(cfg.max_wait),
             tolerance: duration_nanos(cfg.window_margin / 2),
+            max_keys: cfg.max_keys.map_or(usize::MAX, |n| {
+                usize::try_from(n.get()).unwrap_or(usize::MAX)
+            }),
         }
     }
 
@@ -102,6 +107,9 @@ pub struct Limiter {
     epoch: Instant,
     /// Requests asleep in a queue now.
     waiting: AtomicUsize,
+    /// When the table was last swept because it was full (limiter nanos), so a flood of new keys
+    /// triggers at most one sweep per [`FULL_SWEEP_EVERY`].
+    last_full_sweep: AtomicU64,
     /// Set when the proxy drains for shutdown: no queued slot may end after this.
     drain: watch::Sender<Option<Nanos>>,
 }
@@ -116,6 +124,7 @@ impl Limiter {
             policy: ArcSwap::from_pointee(Policy::new(cfg)),
             epoch: Instant::now(),
             waiting: AtomicUsize::new(0),
+            last_full_sweep: AtomicU64::new(0),
             drain: watch::Sender::new(None),
         }
     }
@@ -150,6 +159,13 @@ impl Limiter {
             .max_wait
             .saturating_sub(duration_nanos(already_waited));
         let quota = policy.quota_for(key);
+        if !self.has_room_for(key, &policy, start) {
+            return Err(Rejection {
+                limit: quota.capacity,
+                count: quota.capacity.saturating_add(1),
+                retry_after: Duration::from_secs(1),
+            });
+        }
         let admission = self.admit(key, quota, start, max_wait).await?;
         let mut ticket = Ticket {
             limiter: self,
@@ -176,6 +192,27 @@ impl Limiter {
             });
         }
         Ok(ticket)
+    }
+
+    /// Whether `key` has a bucket or may get one under `max_keys`. A full table is swept (at most
+    /// once per [`FULL_SWEEP_EVERY`]) before a new key is turned away.
+    fn has_room_for(&self, key: Key, policy: &Policy, now: Nanos) -> bool {
+        if policy.max_keys == usize::MAX || self.store.contains(key) {
+            return true;
+        }
+        if self.store.len() < policy.max_keys {
+            return true;
+        }
+        let last = self.last_full_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= FULL_SWEEP_EVERY
+            && self
+                .last_full_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.store.retain_recent(now, policy.default);
+        }
+        self.store.len() < policy.max_keys
     }
 
     /// The key's rate state without taking a token: its limit, tokens free now, and the time
@@ -401,6 +438,9 @@ impl Drop for QueuedSlot<'_> {
     }
 }
 
+/// Least time between two sweeps forced by a full table: 100 ms.
+const FULL_SWEEP_EVERY: Nanos = 100_000_000;
+
 fn duration_nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -548,6 +588,37 @@ mod tests {
         assert_eq!(l.waiting(), 0);
         // New requests may not wait past the deadline either.
         assert!(l.acquire(k, Duration::ZERO).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_turns_new_keys_away_until_buckets_go_idle() {
+        let l = limiter("[limit]\nrequests_per_second = 5\nmax_keys = 3\nmode = \"reject\"\n");
+        for k in ["a", "b", "c"] {
+            l.acquire(Key::from_credential(k), Duration::ZERO)
+                .await
+                .unwrap()
+                .confirm()
+                .unwrap();
+        }
+        let refused = l
+            .acquire(Key::from_credential("d"), Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!((refused.count, refused.limit), (6, 5));
+        // Known keys still get their tokens.
+        assert!(
+            l.acquire(Key::from_credential("a"), Duration::ZERO)
+                .await
+                .is_ok()
+        );
+        // Once the old buckets are idle, a full table sweeps itself for a newcomer.
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        assert!(
+            l.acquire(Key::from_credential("d"), Duration::ZERO)
+                .await
+                .is_ok()
+        );
+        assert_eq!(l.active_keys(), 1);
     }
 
     #[tokio::test(start_paused = true)]

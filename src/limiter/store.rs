@@ -2,6 +2,10 @@
 //!
 //! Every method takes what it needs and returns owned values: no `Ref`/`RefMut` ever leaves this
 //! module, so no caller can hold a shard lock across an `.await` (a known DashMap deadlock).
+//!
+//! The map hashes with foldhash, seeded per process: a key is already a 64-bit hash, so SipHash
+//! would only cost time, while a fixed (or identity) hash of a public function would let a client
+//! craft keys that pile into one bucket chain.
 
 use dashmap::DashMap;
 
@@ -11,7 +15,7 @@ use super::key::Key;
 /// Buckets by key.
 #[derive(Debug, Default)]
 pub struct Store {
-    buckets: DashMap<Key, Bucket>,
+    buckets: DashMap<Key, Bucket, foldhash::fast::RandomState>,
 }
 
 impl Store {
@@ -61,6 +65,11 @@ impl Store {
     pub fn retain_recent(&self, now: Nanos, quota: Quota) -> usize {
         self.buckets.retain(|_, bucket| !bucket.is_idle(now, quota));
         self.buckets.len()
+    }
+
+    /// Whether `key` has a bucket.
+    pub fn contains(&self, key: Key) -> bool {
+        self.buckets.contains_key(&key)
     }
 
     /// Buckets in the table.
