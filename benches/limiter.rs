@@ -5,6 +5,9 @@
 //! Run: `cargo bench --bench limiter`. Criterion's report comes first; the closing table gives
 //! ns per decision for both and the ratio (ours / governor), measured back to back.
 
+// A benchmark reports on stdout.
+#![allow(clippy::print_stdout)]
+
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -85,7 +88,7 @@ fn contended<F: Fn() -> bool + Send + Sync + 'static>(
     threads: usize,
     per_thread: u64,
 ) -> f64 {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let decide = decide.clone();
@@ -136,7 +139,7 @@ fn median_ns(rounds: usize, n: u64, mut run: impl FnMut(u64) -> f64) -> f64 {
 }
 
 fn timed(n: u64, mut step: impl FnMut(u64)) -> f64 {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     for i in 0..n {
         step(i);
     }

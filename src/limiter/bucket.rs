@@ -126,7 +126,8 @@ pub struct Bucket {
     paused_until: Nanos,
     /// Queued slots given back by requests that went away, offered to the next requests so a
     /// departed client's turn is not lost. Usually empty (no allocation).
-    #[allow(clippy::box_collection)] // Boxed: 8 bytes in every bucket instead of 24 for a rare Vec.
+    #[allow(clippy::box_collection)]
+    // Boxed: 8 bytes in every bucket instead of 24 for a rare Vec.
     holes: Option<Box<Vec<Nanos>>>,
 }
 
