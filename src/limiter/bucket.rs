@@ -26,6 +26,11 @@ use smallvec::SmallVec;
 /// Nanoseconds since the limiter's epoch.
 pub type Nanos = u64;
 
+/// Requests read the clock before they take the bucket's lock, so of two concurrent requests the
+/// one that read it first may be served second and find a stamp slightly "in its future". Stamps
+/// this close to `now` count as the present rather than as a queue to wait behind: 1 ms.
+pub const CLOCK_SKEW: Nanos = 1_000_000;
+
 /// The limit applied to one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
@@ -214,6 +219,10 @@ impl Bucket {
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
     pub fn acquire(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
         self.refill(now, quota);
+        let now = match self.spent.last() {
+            Some(&last) if last > now && last - now <= CLOCK_SKEW => last,
+            _ => now,
+        };
         if let Some(hole) = self.reusable_hole(now, quota) {
             if hole - now <= max_wait {
                 let p = self.spent.partition_point(|&e| e <= hole);
@@ -343,6 +352,18 @@ mod tests {
             "{}",
             std::mem::size_of::<Bucket>()
         );
+    }
+
+    #[test]
+    fn a_request_that_read_the_clock_a_moment_earlier_is_not_refused() {
+        let q = quota(50);
+        let mut b = Bucket::default();
+        admitted(b.acquire(10 * SEC, q, 0));
+        // Read the clock 200 µs before the first, took the lock after it.
+        assert!(matches!(
+            b.acquire(10 * SEC - 200_000, q, 0),
+            Decision::Admit { .. }
+        ));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::LimitConfig;
-pub use bucket::{Decision, Nanos, Quota};
+pub use bucket::{CLOCK_SKEW, Decision, Nanos, Quota};
 pub use key::{Identity, Key, Source};
 pub use store::Store;
 
@@ -271,7 +271,7 @@ impl Limiter {
                     next_free,
                 } => (at, remaining, next_free),
             };
-            if at > now {
+            if at.saturating_sub(now) > CLOCK_SKEW {
                 let slot = QueuedSlot {
                     limiter: self,
                     key,
@@ -309,7 +309,7 @@ impl Limiter {
                 limit: quota.capacity,
                 remaining,
                 reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
-                waited: Duration::from_nanos(at - start),
+                waited: Duration::from_nanos(at.saturating_sub(start)),
                 at,
             });
         }
