@@ -292,3 +292,45 @@ async fn large_response_streams_without_being_held_whole() {
     }
     assert_eq!(received, 64 * 1024 * 128);
 }
+
+#[tokio::test]
+async fn cors_preflight_is_answered_locally_and_limits_are_exposed() {
+    let sim = sim().await;
+    let proxy = spawn_proxy(
+        "[limit]\nrequests_per_second = 1\nmode = \"reject\"\n",
+        &sim.url(),
+    )
+    .await;
+    let client = http1_client();
+    let preflight = client
+        .request(
+            Request::options(proxy.url("/3/movie/550"))
+                .header("origin", "https://app.example")
+                .header("access-control-request-method", "GET")
+                .header("access-control-request-headers", "authorization")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        preflight.headers()["access-control-allow-headers"],
+        "authorization"
+    );
+    assert_eq!(sim.hits(), 0, "a preflight never reaches the upstream");
+
+    let ok = get(&client, &proxy.url("/3/movie/1?api_key=CORS")).await;
+    let limited = get(&client, &proxy.url("/3/movie/1?api_key=CORS")).await;
+    for reply in [&ok, &limited] {
+        assert_eq!(reply.header("access-control-allow-origin"), Some("*"));
+        assert!(
+            reply
+                .header("access-control-expose-headers")
+                .unwrap()
+                .contains("retry-after")
+        );
+    }
+    assert_eq!(limited.status, 429);
+}

@@ -35,6 +35,47 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Headers a browser client may read on a cross-origin response: the limit fields and the id.
+const EXPOSED: HeaderValue = HeaderValue::from_static(
+    "retry-after, ratelimit, ratelimit-policy, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, x-request-id",
+);
+
+/// CORS, as TMDB's API does it (any origin): `Access-Control-Allow-Origin: *` unless the upstream
+/// already set one, and the limit fields exposed so browser clients can honour them.
+pub fn insert_cors(headers: &mut HeaderMap) {
+    headers
+        .entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .or_insert(HeaderValue::from_static("*"));
+    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSED);
+}
+
+/// Whether a request is a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`).
+pub fn is_preflight(method: &http::Method, headers: &HeaderMap) -> bool {
+    method == http::Method::OPTIONS && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// The headers of a preflight answer: any origin, the methods TMDB serves, the request's own
+/// headers allowed, cached for a day.
+pub fn preflight_headers(request: &HeaderMap, response: &mut HeaderMap) {
+    response.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    );
+    let allowed = request
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("authorization, content-type"));
+    response.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
+    response.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+}
+
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers

@@ -255,6 +255,14 @@ impl Proxy {
             waited: Duration::ZERO,
             upstream_latency: None,
         };
+        if headers::is_preflight(req.method(), req.headers()) {
+            // Answered here: a preflight carries no key and must not spend one.
+            let mut response = Response::new(ProxyBody::full(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            headers::preflight_headers(req.headers(), response.headers_mut());
+            tracing::debug!(%method, %path, "CORS preflight answered");
+            return response;
+        }
         let response = match self.process(req, client, &mut outcome).await {
             Ok(response) => {
                 self.record(Outcome::Forwarded, None, outcome.key);
@@ -284,6 +292,8 @@ impl Proxy {
                 response
             }
         };
+        let mut response = response;
+        headers::insert_cors(response.headers_mut());
         tracing::info!(
             %method,
             %path,
