@@ -7,12 +7,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http::StatusCode;
 use support::*;
 use tmdb_proxy::Config;
 use tmdb_proxy::sim::{Route, SimConfig, max_in_window};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// Starts the admin listener for `proxy` on 127.0.0.1:0; returns its base URL.
 async fn admin(proxy: &Running) -> String {
@@ -267,37 +266,18 @@ async fn reload_applies_a_lower_limit_on_an_open_keep_alive_connection() {
     let proxy = spawn_proxy(&format!("{base}5\n"), &sim.url()).await;
 
     // One HTTP/1.1 connection for the whole test.
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let mut send = async |key: &str| {
-        let req = Request::get(format!("/3/movie/1?api_key={key}"))
-            .header("host", "localhost")
-            .body(Empty::new())
-            .unwrap();
-        sender
-            .ready()
-            .await
-            .expect("keep-alive connection still open");
-        let response = sender
-            .send_request(req)
-            .await
-            .expect("connection still open");
-        let status = response.status().as_u16();
-        let _ = response.into_body().collect().await;
-        status
-    };
-    assert_eq!(send("BEFORE").await, 200);
-    assert_eq!(send("BEFORE").await, 200);
+    let mut conn = OneConnection::open(proxy.addr).await;
+    assert_eq!(conn.status_for_key("BEFORE").await, 200);
+    assert_eq!(conn.status_for_key("BEFORE").await, 200);
 
     let lower = Config::from_toml_with_env(&format!("{base}1\n"), Some(env.clone())).unwrap();
     proxy.proxy.reload(&lower).unwrap();
-    assert_eq!(send("AFTER").await, 200);
-    assert_eq!(send("AFTER").await, 429, "the new limit of 1 applies");
+    assert_eq!(conn.status_for_key("AFTER").await, 200);
+    assert_eq!(
+        conn.status_for_key("AFTER").await,
+        429,
+        "the new limit of 1 applies"
+    );
     // The key with history keeps its bucket: two already spent, over the new limit.
-    assert_eq!(send("BEFORE").await, 429);
+    assert_eq!(conn.status_for_key("BEFORE").await, 429);
 }

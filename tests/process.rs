@@ -10,9 +10,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
 use support::*;
 use tmdb_proxy::sim::{Route, SimConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -172,32 +169,9 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     .await;
     let client = http1_client();
     // One keep-alive connection, open across the reload.
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let mut send = async |key: &str| {
-        let req = Request::get(format!("/3/movie/1?api_key={key}"))
-            .header("host", "localhost")
-            .body(Empty::new())
-            .unwrap();
-        sender
-            .ready()
-            .await
-            .expect("keep-alive connection still open");
-        let response = sender
-            .send_request(req)
-            .await
-            .expect("keep-alive connection still open");
-        let status = response.status().as_u16();
-        let _ = response.into_body().collect().await;
-        status
-    };
+    let mut conn = OneConnection::open(proxy.addr).await;
     for _ in 0..2 {
-        assert_eq!(send("A").await, 200);
+        assert_eq!(conn.status_for_key("A").await, 200);
     }
 
     std::fs::write(
@@ -215,9 +189,9 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
             >= 1)
         .await
     );
-    assert_eq!(send("B").await, 200);
+    assert_eq!(conn.status_for_key("B").await, 200);
     assert_eq!(
-        send("B").await,
+        conn.status_for_key("B").await,
         429,
         "the lower limit applies on the same connection"
     );

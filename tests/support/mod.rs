@@ -211,3 +211,41 @@ pub fn jwt_with_aud(aud: &str) -> String {
         enc.encode("signature")
     )
 }
+
+/// One HTTP/1.1 keep-alive connection, kept open for the whole test: every request goes over it.
+pub struct OneConnection {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+impl OneConnection {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    /// GET /3/movie/1 for `key`; the status. Panics if the connection was closed.
+    pub async fn status_for_key(&mut self, key: &str) -> u16 {
+        let req = Request::get(format!("/3/movie/1?api_key={key}"))
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        self.sender
+            .ready()
+            .await
+            .expect("keep-alive connection still open");
+        let response = self
+            .sender
+            .send_request(req)
+            .await
+            .expect("keep-alive connection still open");
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        status
+    }
+}
