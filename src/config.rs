@@ -65,6 +65,9 @@ const MAX_REQUESTS_PER_SECOND: u32 = 1_000_000;
 const MAX_MAX_WAIT: Duration = Duration::from_secs(60);
 /// Longest accepted window margin; larger margins cost more than 10% of the admitted rate.
 const MAX_WINDOW_MARGIN: Duration = Duration::from_millis(500);
+/// Shortest accepted window margin: half of it is the stamp tolerance and 1 ms is clock skew
+/// between concurrent requests, so below this nothing is left for network jitter.
+const MIN_WINDOW_MARGIN: Duration = Duration::from_millis(10);
 
 /// A configuration that failed to load or validate. The message names the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +307,7 @@ pub struct AdminConfig {
 }
 
 /// The client-facing listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Address the proxy accepts clients on.
     pub listen: SocketAddr,
@@ -359,6 +362,19 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Path prefixes forwarded; anything else gets 404 (code 34). Empty: every path.
     pub paths: Vec<String>,
+}
+
+impl UpstreamConfig {
+    /// Whether connections made under `other` would be the same as under `self` (everything but
+    /// `paths`, which only filters requests): a reload rebuilds the pool only when this is false.
+    pub fn connects_like(&self, other: &Self) -> bool {
+        self.base_url == other.base_url
+            && self.ca_file == other.ca_file
+            && self.connect_timeout == other.connect_timeout
+            && self.request_timeout == other.request_timeout
+            && self.max_connections == other.max_connections
+            && self.idle_timeout == other.idle_timeout
+    }
 }
 
 /// How requests queue when a key is over its limit.
@@ -677,6 +693,15 @@ fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, Confi
                 ));
             }
         };
+        if overrides
+            .iter()
+            .any(|(seen, _): &(Secret, NonZeroU32)| seen == &secret)
+        {
+            return Err(invalid(
+                OVERRIDES,
+                format!("entry {}: this key already has an override", i + 1),
+            ));
+        }
         overrides.push((secret, rps));
     }
     let global_requests_per_second = match raw.global_requests_per_second {
@@ -716,6 +741,16 @@ fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, Confi
                 "{} is longer than the maximum of {}",
                 humantime::format_duration(raw.max_wait),
                 humantime::format_duration(MAX_MAX_WAIT)
+            ),
+        ));
+    }
+    if raw.window_margin < MIN_WINDOW_MARGIN {
+        return Err(invalid(
+            "limit.window_margin",
+            format!(
+                "{} is shorter than the minimum of {}",
+                humantime::format_duration(raw.window_margin),
+                humantime::format_duration(MIN_WINDOW_MARGIN)
             ),
         ));
     }
@@ -800,6 +835,15 @@ fn validate_keys(raw: RawKeys) -> Result<KeysConfig, ConfigError> {
             return Err(invalid(
                 "keys.aliases",
                 format!("alias `{alias}` names an empty key"),
+            ));
+        }
+        if aliases
+            .iter()
+            .any(|(_, seen): &(String, Secret)| seen.expose() == key)
+        {
+            return Err(invalid(
+                "keys.aliases",
+                format!("alias `{alias}` names a key that already has another alias"),
             ));
         }
         aliases.push((alias, Secret(key.to_owned())));
@@ -1021,6 +1065,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("exactly one"), "{msg}");
+    }
+
+    #[test]
+    fn duplicates_and_tiny_margins_are_refused() {
+        let msg = Config::from_toml_str(
+            "[keys.aliases]\nweb = \"K\"\n[[limit.overrides]]\nalias = \"web\"\nrequests_per_second = 1\n\
+             [[limit.overrides]]\nkey = \"K\"\nrequests_per_second = 2\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("already has an override"), "{msg}");
+        let msg = Config::from_toml_str("[keys.aliases]\na = \"K\"\nb = \"K\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("keys.aliases"), "{msg}");
+        let msg = Config::from_toml_str("[limit]\nwindow_margin = \"2ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("limit.window_margin"), "{msg}");
     }
 
     #[test]

@@ -400,7 +400,7 @@ async fn legacy_headers_when_enabled() {
 async fn idle_buckets_are_dropped() {
     let sim = sim().await;
     let proxy = spawn_proxy(
-        "[limit]\nrequests_per_second = 5\nsweep_interval = \"100ms\"\nwindow_margin = \"0s\"\n",
+        "[limit]\nrequests_per_second = 5\nsweep_interval = \"100ms\"\nwindow_margin = \"10ms\"\n",
         &sim.url(),
     )
     .await;

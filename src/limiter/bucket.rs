@@ -26,6 +26,9 @@ use smallvec::SmallVec;
 /// Nanoseconds since the limiter's epoch.
 pub type Nanos = u64;
 
+/// Most given-back slots a bucket remembers (each lookup checks them all under the map's lock).
+const MAX_HOLES: usize = 64;
+
 /// Requests read the clock before they take the bucket's lock, so of two concurrent requests the
 /// one that read it first may be served second and find a stamp slightly "in its future". Stamps
 /// this close to `now` count as the present rather than as a queue to wait behind: 1 ms.
@@ -158,6 +161,9 @@ impl Bucket {
     /// any `capacity + 1` consecutive stamps, `t` included, must span at least a window.
     fn fits(&self, t: Nanos, quota: Quota) -> bool {
         let cap = quota.capacity as usize;
+        if self.spent.len() < cap {
+            return true;
+        }
         let p = self.spent.partition_point(|&e| e <= t);
         let len = self.spent.len() + 1;
         let at = |k: usize| match k.cmp(&p) {
@@ -265,25 +271,37 @@ impl Bucket {
             // A slot other than the last leaves a hole the next request can take. (Holes in the
             // past are dropped when next looked at.)
             if self.spent.last().is_some_and(|&last| last > at) {
-                self.holes.get_or_insert_default().push(at);
+                let holes = self.holes.get_or_insert_default();
+                // Bounded: a hole only helps until the queue passes it.
+                if holes.len() < MAX_HOLES {
+                    holes.push(at);
+                }
             }
         }
     }
 
     /// Moves a token stamped at `old` to `now`, the moment its request actually leaves, if no
-    /// window would then hold more than capacity. Pacing and queue order are not consulted: the
-    /// request already had its turn. Returns false (and changes nothing) if it does not fit.
+    /// window would then hold more than capacity and the key is not paused. Pacing and queue order
+    /// are not consulted: the request already had its turn. A stamp that has meanwhile expired
+    /// (the request waited more than a window for a connection) is simply taken anew. Returns
+    /// false, changing nothing, if the token does not fit.
     pub fn restamp(&mut self, old: Nanos, now: Nanos, quota: Quota) -> bool {
-        let Some(i) = self.spent.iter().rposition(|&t| t == old) else {
+        self.refill(now, quota);
+        if self.is_paused(now) {
             return false;
-        };
-        self.spent.remove(i);
+        }
+        let removed = self.spent.iter().rposition(|&t| t == old);
+        if let Some(i) = removed {
+            self.spent.remove(i);
+        }
         if self.fits(now, quota) {
             let p = self.spent.partition_point(|&e| e <= now);
             self.spent.insert(p, now);
             true
         } else {
-            self.spent.insert(i, old);
+            if let Some(i) = removed {
+                self.spent.insert(i, old);
+            }
             false
         }
     }
@@ -584,6 +602,21 @@ mod tests {
         // within one window.
         assert!(!b.restamp(0, 200 * MS, q));
         assert_eq!(b.held(), 4);
+    }
+
+    #[test]
+    fn restamp_takes_an_expired_token_anew_but_not_during_a_pause() {
+        let q = quota(2);
+        let mut b = Bucket::default();
+        admitted(b.acquire(0, q, 0));
+        // The request waited 3 s for a connection: its stamp expired long ago.
+        assert!(b.restamp(0, 3 * SEC, q));
+        assert_eq!(b.held(), 1);
+        b.pause(3 * SEC, 4 * SEC);
+        assert!(
+            !b.restamp(3 * SEC, 3 * SEC + 100 * MS, q),
+            "paused: nothing leaves"
+        );
     }
 
     #[test]

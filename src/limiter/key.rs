@@ -39,6 +39,15 @@ impl Key {
         Self(hasher.finish())
     }
 
+    /// The key a configured credential (an alias or override value) stands for: a v4 read token
+    /// counts as its `aud` key, exactly as a request carrying it would.
+    pub fn of_configured(credential: &str) -> Self {
+        match jwt_audience(credential) {
+            Some(aud) => Self::from_credential(&aud),
+            None => Self::from_credential(credential),
+        }
+    }
+
     /// A short, non-reversible label for logs.
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint((self.0 >> 32) as u32)
@@ -219,6 +228,13 @@ mod tests {
         let id = identify(None, &bearer(&token), None).unwrap();
         assert_eq!(id.key, Key::from_credential("K1"));
         assert_eq!(id.source, Source::Bearer);
+    }
+
+    #[test]
+    fn a_configured_read_token_stands_for_its_audience_key() {
+        let token = jwt(r#"{"aud":"K1"}"#);
+        assert_eq!(Key::of_configured(&token), Key::from_credential("K1"));
+        assert_eq!(Key::of_configured("K2"), Key::from_credential("K2"));
     }
 
     #[test]

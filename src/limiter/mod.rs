@@ -81,7 +81,7 @@ impl Policy {
             overrides: cfg
                 .overrides
                 .iter()
-                .map(|(secret, rps)| (Key::from_credential(secret.expose()), quota(rps.get())))
+                .map(|(secret, rps)| (Key::of_configured(secret.expose()), quota(rps.get())))
                 .collect(),
             global: cfg.global_requests_per_second.map(|rps| quota(rps.get())),
             max_wait: duration_nanos(cfg.max_wait),
@@ -390,10 +390,13 @@ impl Ticket<'_> {
         let now = limiter.now();
         for slot in &mut self.stamps {
             let Some(stamp) = slot else { continue };
-            if now.saturating_sub(stamp.at) <= self.tolerance {
+            // A key paused (upstream 429) while this request waited for a connection must not
+            // send: restamping fails during a pause, so it queues again behind the pause.
+            let paused = limiter.store.is_paused(stamp.key, now);
+            if !paused && now.saturating_sub(stamp.at) <= self.tolerance {
                 continue;
             }
-            if !limiter.store.restamp(stamp.key, stamp.at, now, stamp.quota) {
+            if paused || !limiter.store.restamp(stamp.key, stamp.at, now, stamp.quota) {
                 return Err(Rejection {
                     limit: stamp.quota.capacity,
                     count: stamp.quota.capacity.saturating_add(1),

@@ -36,9 +36,11 @@ impl Store {
 
     /// Moves `key`'s token stamped at `old` to `now` if it fits (see [`Bucket::restamp`]).
     pub fn restamp(&self, key: Key, old: Nanos, now: Nanos, quota: Quota) -> bool {
+        // The bucket may have been swept while the request waited for a connection.
         self.buckets
-            .get_mut(&key)
-            .is_some_and(|mut bucket| bucket.restamp(old, now, quota))
+            .entry(key)
+            .or_default()
+            .restamp(old, now, quota)
     }
 
     /// Whether `key` is paused at `t`.

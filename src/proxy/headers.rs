@@ -46,7 +46,9 @@ pub fn insert_cors(headers: &mut HeaderMap) {
     headers
         .entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
         .or_insert(HeaderValue::from_static("*"));
-    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSED);
+    headers
+        .entry(header::ACCESS_CONTROL_EXPOSE_HEADERS)
+        .or_insert(EXPOSED);
 }
 
 /// Whether a request is a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`).

@@ -75,7 +75,9 @@ impl Settings {
         broken_bodies: &Arc<AtomicU64>,
     ) -> Result<Self, BuildError> {
         let upstream = match current {
-            Some(current) if current.upstream_cfg == cfg.upstream => current.upstream.clone(),
+            Some(current) if current.upstream_cfg.connects_like(&cfg.upstream) => {
+                current.upstream.clone()
+            }
             _ => Upstream::new(&cfg.upstream, broken_bodies.clone())?,
         };
         let default_key = cfg.keys.default_api_key.clone();
@@ -93,7 +95,7 @@ impl Settings {
             .iter()
             .map(|(alias, secret)| {
                 (
-                    Key::from_credential(secret.expose()),
+                    Key::of_configured(secret.expose()),
                     Arc::from(alias.as_str()),
                 )
             })
@@ -260,12 +262,17 @@ impl Proxy {
             let mut response = Response::new(ProxyBody::full(Bytes::new()));
             *response.status_mut() = StatusCode::NO_CONTENT;
             headers::preflight_headers(req.headers(), response.headers_mut());
-            tracing::debug!(%method, %path, "CORS preflight answered");
+            tracing::info!(%method, %path, status = 204, "CORS preflight");
             return response;
         }
         let response = match self.process(req, client, &mut outcome).await {
             Ok(response) => {
-                self.record(Outcome::Forwarded, None, outcome.key);
+                // TMDB's own 429 body passes through, but it is still an upstream refusal.
+                if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                    self.record(Outcome::UpstreamError, Some(25), outcome.key);
+                } else {
+                    self.record(Outcome::Forwarded, None, outcome.key);
+                }
                 response
             }
             Err((error, rate)) => {

@@ -18,6 +18,22 @@ use tokio::sync::Semaphore;
 use crate::config::ServerConfig;
 use crate::proxy::Proxy;
 
+/// Counts an open client connection for as long as it lives, whatever way its task ends.
+struct ConnectionGauge(Proxy);
+
+impl ConnectionGauge {
+    fn new(proxy: &Proxy) -> Self {
+        proxy.metrics().client_connected();
+        Self(proxy.clone())
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.metrics().client_disconnected();
+    }
+}
+
 /// Ping interval (and answer timeout) on HTTP/2 client connections.
 const H2_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -43,6 +59,8 @@ pub async fn run(
     let limit = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
     let slots = Arc::new(Semaphore::new(limit));
     let graceful = GracefulShutdown::new();
+    // Tells connections still in their TLS handshake to give up.
+    let (stopping, _) = tokio::sync::watch::channel(false);
     let tls = cfg
         .tls
         .as_ref()
@@ -72,14 +90,14 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        proxy.metrics().client_connected();
-        let counted = proxy.clone();
+        let counted = ConnectionGauge::new(&proxy);
         let proxy = proxy.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let mut stopping_rx = stopping.subscribe();
         let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
             let served = match tls {
@@ -90,7 +108,16 @@ pub async fn run(
                 // The handshake runs in the connection's task, bounded like a header read, so a
                 // slow client cannot hold up the accept loop.
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let handshake = tokio::select! {
+                        result = handshake => result,
+                        _ = stopping_rx.wait_for(|stop| *stop) => {
+                            tracing::debug!(%peer, "shutting down during the TLS handshake");
+                            return;
+                        }
+                    };
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let conn = builder.serve_connection(TokioIo::new(stream), service);
                             watcher.watch(conn.into_owned()).await
@@ -109,13 +136,16 @@ pub async fn run(
             if let Err(error) = served {
                 tracing::debug!(%peer, error = %error, "client connection ended with an error");
             }
-            counted.metrics().client_disconnected();
+            drop(counted);
             drop(permit);
         });
     }
 
     drop(listener);
-    proxy.begin_drain(tokio::time::Instant::now() + cfg.shutdown_timeout);
+    let _ = stopping.send(true);
+    // Queued requests must be on their way by half the grace period, so each still has the
+    // other half to complete; later turns are answered 429 at once.
+    proxy.begin_drain(tokio::time::Instant::now() + cfg.shutdown_timeout / 2);
     tracing::info!(grace = ?cfg.shutdown_timeout, "stopped accepting; draining connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),

@@ -23,6 +23,9 @@ pub async fn watch(path: PathBuf, proxy: Proxy, running: Config) {
         }
     };
     let mut seen = modified(&path);
+    // A changed modification time is acted on only once it has held for a whole poll, so a file
+    // being rewritten (truncated, then written) is not loaded half-way.
+    let mut changed_to = None;
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -38,14 +41,22 @@ pub async fn watch(path: PathBuf, proxy: Proxy, running: Config) {
         let reason = tokio::select! {
             _ = hup => "SIGHUP",
             _ = poll.tick() => {
-                if modified(&path) == seen {
+                let now = modified(&path);
+                if now == seen {
+                    changed_to = None;
+                    continue;
+                }
+                if changed_to != Some(now) {
+                    changed_to = Some(now);
                     continue;
                 }
                 "file changed"
             }
         };
-        reload(&path, &proxy, &running, reason);
+        // Noted before reading, so an edit landing during the load is seen by the next poll.
         seen = modified(&path);
+        changed_to = None;
+        reload(&path, &proxy, &running, reason);
     }
 }
 
@@ -67,7 +78,10 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config, reason: &
         return;
     }
     let fixed = [
-        ("server.listen", cfg.server.listen != running.server.listen),
+        (
+            "server (listen, tls, max_connections, timeouts)",
+            cfg.server != running.server,
+        ),
         ("admin.listen", cfg.admin.listen != running.admin.listen),
         (
             "log",
