@@ -71,20 +71,26 @@ async fn serve(path: PathBuf, cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    // The proxy's job is forwarding: an admin port already taken (9090 is also Prometheus's
+    // default) is reported loudly but does not stop it. Probes then fail, which is visible.
     let admin_listener = match tokio::net::TcpListener::bind(cfg.admin.listen).await {
-        Ok(listener) => listener,
+        Ok(listener) => Some(listener),
         Err(error) => {
-            tracing::error!(listen = %cfg.admin.listen, %error, "cannot bind the admin listener");
-            return ExitCode::from(EXIT_UNAVAILABLE);
+            tracing::error!(
+                listen = %cfg.admin.listen,
+                %error,
+                "cannot bind the admin listener; serving without /healthz, /readyz and /metrics"
+            );
+            None
         }
     };
-    let bound = |l: &tokio::net::TcpListener| {
-        l.local_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+    let bound = |l: Option<&tokio::net::TcpListener>| {
+        l.and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "-".to_owned(), |a| a.to_string())
     };
     tracing::info!(
-        listen = %bound(&listener),
-        admin = %bound(&admin_listener),
+        listen = %bound(Some(&listener)),
+        admin = %bound(admin_listener.as_ref()),
         upstream = %cfg.upstream.base_url,
         requests_per_second = cfg.limit.requests_per_second.get(),
         mode = ?cfg.limit.mode,
@@ -92,14 +98,18 @@ async fn serve(path: PathBuf, cfg: Config) -> ExitCode {
     );
     // The admin listener outlives the client listener, so /readyz can report the drain.
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin = tokio::spawn(admin::run(admin_listener, proxy.clone(), async {
-        let _ = admin_stopped.await;
-    }));
+    let admin = admin_listener.map(|admin_listener| {
+        tokio::spawn(admin::run(admin_listener, proxy.clone(), async {
+            let _ = admin_stopped.await;
+        }))
+    });
     let reloader = tokio::spawn(server::reload::watch(path, proxy.clone(), cfg.clone()));
     server::run(listener, proxy, &cfg.server, server::shutdown::signal()).await;
     reloader.abort();
     let _ = admin_stop.send(());
-    let _ = admin.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     tracing::info!("tmdb-proxy stopped");
     ExitCode::SUCCESS
 }
