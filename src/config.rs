@@ -46,6 +46,8 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_KEYS: u32 = 100_000;
 /// Default time allowed for a client to send its request headers: 30 s.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client connection may sit idle (no bytes, no request in progress): 60 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on concurrent client connections.
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 10_000;
 /// Default grace period for in-flight requests at shutdown: 10 s.
@@ -155,6 +157,8 @@ struct RawServer {
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     shutdown_timeout: Duration,
 }
 
@@ -165,6 +169,7 @@ impl Default for RawServer {
             tls: RawTls::default(),
             max_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
@@ -315,6 +320,8 @@ pub struct ServerConfig {
     pub max_connections: NonZeroU32,
     /// A client that has not sent its request headers within this is disconnected.
     pub header_read_timeout: Duration,
+    /// A connection with no bytes moving and no request in progress for this long is closed.
+    pub idle_timeout: Duration,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
     /// HTTPS on the client listener (`[server.tls]`); `None`: plain HTTP (and h2c).
@@ -537,6 +544,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         listen: parse_listen("server.listen", &raw.listen)?,
         max_connections: non_zero("server.max_connections", raw.max_connections)?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
+        idle_timeout: positive("server.idle_timeout", raw.idle_timeout)?,
         shutdown_timeout: bounded("server.shutdown_timeout", raw.shutdown_timeout)?,
         tls: validate_tls(raw.tls)?,
     })

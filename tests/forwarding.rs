@@ -334,3 +334,30 @@ async fn cors_preflight_is_answered_locally_and_limits_are_exposed() {
     }
     assert_eq!(limited.status, 429);
 }
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_but_busy_ones_are_not() {
+    let sim = sim_with(SimConfig {
+        latency: Duration::from_millis(700),
+        ..SimConfig::default()
+    })
+    .await;
+    let proxy = spawn_proxy("[server]\nidle_timeout = \"300ms\"\n", &sim.url()).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // A request slower than the idle timeout is still answered on its connection.
+    stream
+        .write_all(b"GET /3/movie/1?api_key=IDLE HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Then, idle, the connection is closed by the proxy.
+    let rest = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut Vec::new()))
+        .await
+        .expect("the idle connection is closed");
+    assert!(rest.is_ok());
+}

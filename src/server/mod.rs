@@ -1,6 +1,7 @@
 //! The client listener: accepts connections, serves HTTP/1.1 and HTTP/2 (h2c) on each, caps how
 //! many are open, and drains them on shutdown. Sockets and tasks only; no business logic.
 
+mod idle;
 pub mod reload;
 pub mod shutdown;
 
@@ -34,9 +35,6 @@ impl Drop for ConnectionGauge {
     }
 }
 
-/// Ping interval (and answer timeout) on HTTP/2 client connections.
-const H2_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(20);
-
 /// Serves `proxy` on `listener` until `shutdown` completes, then stops accepting, lets in-flight
 /// requests finish for up to `shutdown_timeout`, and returns.
 pub async fn run(
@@ -50,12 +48,9 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout);
-    // HTTP/2 has no header-read timeout; keep-alive pings close connections whose peer is gone.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(H2_KEEP_ALIVE))
-        .keep_alive_timeout(H2_KEEP_ALIVE);
+    // HTTP/2 gets no keep-alive pings: a peer that is gone, or idle, is closed by the idle
+    // timeout instead (pings would count as activity and keep idle connections open).
+    builder.http2().timer(TokioTimer::new());
     let limit = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
     let slots = Arc::new(Semaphore::new(limit));
     let graceful = GracefulShutdown::new();
@@ -92,9 +87,17 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let counted = ConnectionGauge::new(&proxy);
         let proxy = proxy.clone();
+        let in_flight = idle::InFlight::default();
+        let idle_timeout = cfg.idle_timeout;
+        let requests = in_flight.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let busy = requests.enter();
+            async move {
+                let response = proxy.handle(req, peer).await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
+            }
         });
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         let mut stopping_rx = stopping.subscribe();
@@ -102,7 +105,8 @@ pub async fn run(
         tokio::spawn(async move {
             let served = match tls {
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let io = idle::IdleTimeout::new(stream, idle_timeout, in_flight);
+                    let conn = builder.serve_connection(TokioIo::new(io), service);
                     watcher.watch(conn.into_owned()).await
                 }
                 // The handshake runs in the connection's task, bounded like a header read, so a
@@ -119,7 +123,8 @@ pub async fn run(
                     };
                     match handshake {
                         Ok(Ok(stream)) => {
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            let io = idle::IdleTimeout::new(stream, idle_timeout, in_flight);
+                            let conn = builder.serve_connection(TokioIo::new(io), service);
                             watcher.watch(conn.into_owned()).await
                         }
                         Ok(Err(error)) => {
