@@ -46,6 +46,10 @@ pub(super) struct IdleTimeout<IO> {
     io: IO,
     timeout: Duration,
     in_flight: InFlight,
+    /// Last read or write that moved bytes.
+    last_activity: Instant,
+    /// Checked when it fires, and moved on then: resetting a timer on every read and write
+    /// would cost more than the IO.
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -55,12 +59,13 @@ impl<IO> IdleTimeout<IO> {
             io,
             timeout,
             in_flight,
+            last_activity: Instant::now(),
             deadline: Box::pin(tokio::time::sleep(timeout)),
         }
     }
 
     fn touch(&mut self) {
-        self.deadline.as_mut().reset(Instant::now() + self.timeout);
+        self.last_activity = Instant::now();
     }
 }
 
@@ -79,15 +84,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for IdleTimeout<IO> {
                 Poll::Ready(result)
             }
             Poll::Pending => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
-                    if self.in_flight.is_idle() {
+                while self.deadline.as_mut().poll(cx).is_ready() {
+                    let idle_until = self.last_activity + self.timeout;
+                    let now = Instant::now();
+                    if now >= idle_until && self.in_flight.is_idle() {
                         // Nothing read, nothing to answer: end the connection as if the client
                         // had closed it.
                         return Poll::Ready(Ok(()));
                     }
-                    // A request is being handled: look again one timeout later.
-                    self.touch();
-                    let _ = self.deadline.as_mut().poll(cx);
+                    // Activity since the timer was set, or a request in progress: look again
+                    // when the connection could next be idle for a whole timeout.
+                    let next = if now >= idle_until {
+                        now + self.timeout
+                    } else {
+                        idle_until
+                    };
+                    self.deadline.as_mut().reset(next);
                 }
                 Poll::Pending
             }
