@@ -26,16 +26,23 @@ const QUOTA: Quota = Quota {
 };
 
 /// The proxy's limiter store with the clock read per decision, as the facade does.
+///
+/// Production reads `tokio::time::Instant`, which is `std::time::Instant` unless tokio's
+/// `test-util` feature is on. Benchmarks are built with the dev-dependencies, and so with
+/// `test-util`, whose clock first looks for a paused test clock. The production clock is used here
+/// directly instead.
 struct Ours {
     store: Store,
-    epoch: Instant,
+    #[allow(clippy::disallowed_types)]
+    epoch: std::time::Instant,
 }
 
 impl Ours {
     fn new() -> Self {
         Self {
             store: Store::default(),
-            epoch: Instant::now(),
+            #[allow(clippy::disallowed_types)]
+            epoch: std::time::Instant::now(),
         }
     }
 
