@@ -49,7 +49,8 @@ impl Ours {
     fn decide(&self, key: Key) -> bool {
         let now = self.epoch.elapsed().as_nanos() as Nanos;
         matches!(
-            self.store.check_at(key, now, QUOTA, 0),
+            self.store
+                .update(key, |bucket| bucket.acquire(now, QUOTA, 0)),
             tmdb_proxy::limiter::Decision::Admit { .. }
         )
     }
@@ -60,9 +61,7 @@ fn governor() -> DefaultKeyedRateLimiter<Key> {
 }
 
 fn keys(n: usize) -> Vec<Key> {
-    (0..n)
-        .map(|i| Key::from_credential(&format!("key-{i:08}")))
-        .collect()
+    (0..n).map(|i| Key::of(&format!("key-{i:08}"))).collect()
 }
 
 fn single_thread(c: &mut Criterion) {
@@ -114,7 +113,7 @@ fn contended<F: Fn() -> bool + Send + Sync + 'static>(
 
 fn two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("admit");
-    let key = Key::from_credential("hot");
+    let key = Key::of("hot");
     let ours = Arc::new(Ours::new());
     group.bench_function("tmdb-proxy, 2 threads on one key", |b| {
         b.iter_custom(|iters| {
@@ -176,7 +175,7 @@ fn summary() {
         });
         println!("| {label} | {a:.1} | {b:.1} | {:.2} |", a / b);
     }
-    let key = Key::from_credential("hot");
+    let key = Key::of("hot");
     let ours = Arc::new(Ours::new());
     let gov = Arc::new(governor());
     let a = median_ns(ROUNDS, N / 2, |n| {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tmdb_proxy::Config;
-use tmdb_proxy::limiter::{Key, Limiter};
+use tmdb_proxy::limiter::{Budget, Key, LocalBudget, Policy};
 
 /// A field of /proc/self/status, in KiB.
 fn status_kib(field: &str) -> u64 {
@@ -30,20 +30,16 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn limiter(toml: &str) -> Arc<Limiter> {
+fn limiter(toml: &str) -> Arc<LocalBudget> {
     let cfg = Config::from_toml_str(toml).expect("valid config");
-    Arc::new(Limiter::new(&cfg.limit))
+    Arc::new(LocalBudget::new(Policy::new(&cfg.limit, Key::of)))
 }
 
-async fn admit(l: &Limiter, i: u64) -> bool {
-    match l
-        .acquire(
-            Key::from_credential(&format!("flood-{i:07}")),
-            Duration::ZERO,
-        )
-        .await
-    {
-        Ok(ticket) => ticket.confirm().is_ok(),
+/// One request's decisions for a new key: a token, then its confirmation at departure.
+async fn admit(l: &LocalBudget, i: u64) -> bool {
+    let key = Key::of(&format!("flood-{i:07}"));
+    match l.acquire(key, Instant::now(), Duration::ZERO).await {
+        Ok(mut grant) => l.confirm(&mut grant, Instant::now()).await.is_ok(),
         Err(_) => false,
     }
 }
@@ -63,12 +59,12 @@ fn main() {
             admit(&l, i).await;
         }
         let grown = status_kib("VmRSS:").saturating_sub(before) * 1024;
-        let per_bucket = grown as f64 / l.active_keys() as f64;
+        let per_bucket = grown as f64 / l.tracked_keys() as f64;
         drop(l);
 
         // 2. The flood, with the shipped defaults and the sweeper running.
         let l = limiter("");
-        let sweeper = Limiter::spawn_sweeper(&l, Duration::from_secs(1));
+        let sweeper = LocalBudget::spawn_sweeper(&l, Duration::from_secs(1));
         const FLOOD: u64 = 1_000_000;
         let started = Instant::now();
         let mut refused = 0u64;
@@ -78,7 +74,7 @@ fn main() {
                 refused += 1;
             }
             if i % 10_000 == 0 {
-                most_keys = most_keys.max(l.active_keys());
+                most_keys = most_keys.max(l.tracked_keys());
                 tokio::task::yield_now().await;
             }
         }
@@ -86,7 +82,7 @@ fn main() {
         let peak_rss = status_kib("VmHWM:");
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let after_rss = status_kib("VmRSS:");
-        let left = l.active_keys();
+        let left = l.tracked_keys();
         sweeper.abort();
 
         println!("| measure | value |");

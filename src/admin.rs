@@ -18,22 +18,11 @@ use tokio::net::TcpListener;
 
 use crate::metrics;
 use crate::proxy::Proxy;
+use crate::server::accept;
 
 /// Serves the admin endpoints until `shutdown` completes.
 pub async fn run(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    accept::accept_until(&listener, "admin", None, shutdown, |stream, _, _| {
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
@@ -44,7 +33,8 @@ pub async fn run(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Outp
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
 /// Answers one admin request.

@@ -12,7 +12,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
@@ -328,28 +327,13 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// TLS for the client listener: the certificate chain and key, loaded and checked at start.
-#[derive(Clone)]
+/// TLS for the client listener: the PEM files of the certificate chain and its key. They are
+/// read and turned into a TLS configuration by `server::tls` when the server is built, before it
+/// binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// rustls (ring provider) with ALPN `h2`, `http/1.1`.
-    pub server: Arc<rustls::ServerConfig>,
-}
-
-impl PartialEq for TlsConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.cert_file == other.cert_file && self.key_file == other.key_file
-    }
-}
-
-impl fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Where requests go, and how long they may take.
@@ -508,6 +492,30 @@ impl Config {
         Self::validate(raw)
     }
 
+    /// The settings that differ between `self` and `running` but take effect only after a
+    /// restart (sockets, logging, the sweeper's period), named for the warning a reload logs.
+    /// Everything else a reload puts in force.
+    pub fn restart_required(&self, running: &Config) -> Vec<&'static str> {
+        [
+            (
+                "server (listen, tls, max_connections, timeouts)",
+                self.server != running.server,
+            ),
+            ("admin.listen", self.admin.listen != running.admin.listen),
+            (
+                "log",
+                self.log.level != running.log.level || self.log.format != running.log.format,
+            ),
+            (
+                "limit.sweep_interval",
+                self.limit.sweep_interval != running.limit.sweep_interval,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let keys = validate_keys(raw.keys)?;
         Ok(Self {
@@ -551,8 +559,6 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
 }
 
 fn validate_tls(raw: RawTls) -> Result<Option<TlsConfig>, ConfigError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let (cert_file, key_file) = (raw.cert_file.trim(), raw.key_file.trim());
     match (cert_file.is_empty(), key_file.is_empty()) {
         (true, true) => return Ok(None),
@@ -564,32 +570,20 @@ fn validate_tls(raw: RawTls) -> Result<Option<TlsConfig>, ConfigError> {
             ));
         }
     }
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .and_then(Iterator::collect)
-        .map_err(|e| invalid("server.tls.cert_file", format!("`{cert_file}`: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            "server.tls.cert_file",
-            format!("`{cert_file}` holds no PEM certificate"),
-        ));
+    for (key, path) in [
+        ("server.tls.cert_file", cert_file),
+        ("server.tls.key_file", key_file),
+    ] {
+        if !Path::new(path).is_file() {
+            return Err(invalid(
+                key,
+                format!("`{path}` does not exist or is not a file"),
+            ));
+        }
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| invalid("server.tls.key_file", format!("`{key_file}`: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| {
-            invalid(
-                "server.tls",
-                format!("the certificate and key do not make a usable TLS configuration: {e}"),
-            )
-        })?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(TlsConfig {
         cert_file: PathBuf::from(cert_file),
         key_file: PathBuf::from(key_file),
-        server: Arc::new(server),
     }))
 }
 

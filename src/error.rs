@@ -1,14 +1,17 @@
 //! The proxy's error type and the one function that turns an error into a client response.
 //!
-//! Other modules return errors; only [`ProxyError::into_response`] builds an error response, so
+//! Each layer has its own error: `config::ConfigError`, `upstream::UpstreamError` (and
+//! `BuildError`), `limiter::Refusal`, `server::tls::TlsError`. A request's path collects what it
+//! meets into [`ProxyError`], and only [`ProxyError::to_response`] builds an error response, so
 //! every failure a client sees is a TMDB status body from the table in [`crate::tmdb::status`].
+//! The headers every answer carries (rate-limit fields, `Retry-After` on a 429, CORS, request id)
+//! are the proxy's exit's business, not this module's.
 
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Response, StatusCode};
 
-use crate::limiter::Rejection;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::headers::retry_after_secs;
+use crate::limiter::Refusal;
 use crate::tmdb::ErrorBody;
 use crate::tmdb::status::{self, code};
 use crate::upstream::UpstreamError;
@@ -19,9 +22,10 @@ pub enum ProxyError {
     /// No `api_key`, no bearer token, and no default key configured.
     #[error("request carries no API key and no default key is configured")]
     MissingKey,
-    /// The key is over its limit (and the wait would exceed `max_wait`).
-    #[error("rate limited: {} requests in the window, limit {}", .0.count, .0.limit)]
-    RateLimited(Rejection),
+    /// Over a limit: the key's, the global one, a pause after an upstream 429, a full table, the
+    /// drain; or the upstream's own 429 with a body that is not TMDB's.
+    #[error("rate limited ({:?}): {} requests in the window, limit {}", .0.reason, .0.count, .0.limit)]
+    RateLimited(Refusal),
     /// A method the proxy never forwards (`CONNECT`).
     #[error("method {0} is not proxied")]
     MethodNotAllowed(Method),
@@ -31,19 +35,22 @@ pub enum ProxyError {
     /// A path outside `upstream.paths`.
     #[error("path is outside the forwarded API paths")]
     PathNotAllowed,
-    /// A request TMDB is documented to refuse (bad `page`, date, too many appends), answered
-    /// locally with TMDB's code.
+    /// A request TMDB is documented to refuse (bad `page`, date, too many appends, two keys),
+    /// answered locally with TMDB's code.
     #[error("request refused locally with TMDB code {0}")]
     Refused(u16),
     /// The upstream answered an error status with a body that is not TMDB's.
     #[error("upstream answered {status} with a body that is not TMDB's")]
     UpstreamStatus { status: StatusCode, code: u16 },
-    /// The upstream answered 429 with a body that is not TMDB's.
-    #[error("upstream answered 429")]
-    UpstreamRateLimited(Rejection),
     /// The upstream could not be reached or did not answer in time.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+}
+
+impl From<Refusal> for ProxyError {
+    fn from(refusal: Refusal) -> Self {
+        Self::RateLimited(refusal)
+    }
 }
 
 impl ProxyError {
@@ -56,9 +63,6 @@ impl ProxyError {
             Self::ForeignTarget => ErrorBody::for_code(code::INVALID_INPUT),
             Self::PathNotAllowed => ErrorBody::for_code(code::NOT_FOUND),
             Self::Refused(code) | Self::UpstreamStatus { code, .. } => ErrorBody::for_code(*code),
-            Self::UpstreamRateLimited(r) => {
-                ErrorBody::rate_limited(u64::from(r.count), u64::from(r.limit))
-            }
             Self::Upstream(
                 UpstreamError::Timeout(_)
                 | UpstreamError::ConnectTimeout
@@ -68,19 +72,14 @@ impl ProxyError {
         }
     }
 
-    /// The client response: TMDB's status, body and content type, plus `Retry-After` on a 429.
-    pub fn into_response(&self) -> Response<ProxyBody> {
+    /// The client response: TMDB's status, body and content type.
+    pub fn to_response(&self) -> Response<Bytes> {
         let body = self.body();
-        let mut response = Response::new(ProxyBody::full(body.to_json()));
+        let mut response = Response::new(body.to_json());
         *response.status_mut() = body.http;
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(status::CONTENT_TYPE));
-        if let Self::RateLimited(r) | Self::UpstreamRateLimited(r) = self {
-            headers.insert(
-                RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(r.retry_after)),
-            );
-        }
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(status::CONTENT_TYPE));
         response
     }
 }
@@ -88,21 +87,21 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::Reason;
     use std::time::Duration;
 
     #[test]
-    fn rate_limited_is_429_code_25_with_retry_after() {
-        let err = ProxyError::RateLimited(Rejection {
-            limit: 50,
-            count: 51,
-            retry_after: Duration::from_millis(20),
-        });
-        let response = err.into_response();
+    fn rate_limited_is_429_code_25_with_the_real_figures() {
+        let refusal = Refusal::new(Reason::KeyOverLimit, 50, 50, Duration::from_millis(20));
+        let response = ProxyError::from(refusal).to_response();
         assert_eq!(response.status(), 429);
-        assert_eq!(response.headers()[RETRY_AFTER], "1");
         assert_eq!(
             response.headers()[CONTENT_TYPE],
             "application/json;charset=utf-8"
+        );
+        assert_eq!(
+            response.body(),
+            r#"{"success":false,"status_code":25,"status_message":"Your request count (51) is over the allowed limit of (50)."}"#
         );
     }
 
@@ -110,5 +109,13 @@ mod tests {
     fn missing_key_is_401_code_7() {
         let body = ProxyError::MissingKey.body();
         assert_eq!((body.http.as_u16(), body.status_code), (401, 7));
+    }
+
+    #[test]
+    fn upstream_failures_are_502_code_43_or_504_code_24() {
+        let failed = ProxyError::from(UpstreamError::Failed("refused".into())).body();
+        assert_eq!((failed.http.as_u16(), failed.status_code), (502, 43));
+        let slow = ProxyError::from(UpstreamError::ConnectTimeout).body();
+        assert_eq!((slow.http.as_u16(), slow.status_code), (504, 24));
     }
 }

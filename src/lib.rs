@@ -7,15 +7,16 @@
 //! # Layout
 //! - [`config`]: TOML + environment → validated, typed sections. The only module reading files/env.
 //! - [`error`]: `ProxyError` and the one function mapping an error to a TMDB status response.
-//! - [`limiter`]: per-key buckets (pure math in `bucket`, the `DashMap` in `store`, key identity in
-//!   `key`); the facade is the only place a rate decision reads the clock.
-//! - [`proxy`]: `Proxy::handle`, the phases (`request_filter → upstream_request → response_filter`),
-//!   header names, and the response body type.
-//! - [`upstream`]: the pooled rustls client with its connection cap and timeouts.
-//! - [`tmdb`]: TMDB facts: parameter names and the status code table.
-//! - [`metrics`]: Prometheus metric names and record functions.
+//! - [`proxy`]: `Proxy::handle → process → finish`: the phases in order, the admission step
+//!   (token, ready connection, confirm), the per-request context, and the one exit.
+//! - [`limiter`]: the budget interface, the local budget, its `DashMap` store and the pure bucket
+//!   math of one key.
+//! - [`upstream`]: the capped pool of upstream connections, its rustls configuration, timeouts.
+//! - [`tmdb`]: TMDB facts: the auth scheme, the query view, documented refusals, the status table.
+//! - [`server`]: the accept loop, serving a connection (plain or TLS), idle timeout, graceful
+//!   shutdown, signals, reload.
 //! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/metrics`.
-//! - [`server`]: accept loop, connection cap, graceful shutdown, signals.
+//! - [`metrics`]: Prometheus metric names and record functions.
 //! - [`sim`]: an in-process TMDB stand-in for tests and offline demos (`tmdb-sim`).
 //! - [`telemetry`]: logging setup.
 

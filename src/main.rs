@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tmdb_proxy::{Config, Proxy, admin, server, telemetry};
+use tmdb_proxy::server::{self, Server};
+use tmdb_proxy::{Config, Proxy, admin, telemetry};
 
 /// Exit code for an invalid configuration (EX_CONFIG would be 78; EX_USAGE-style 64 is what
 /// service managers commonly treat as "do not restart").
@@ -37,6 +38,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The listener's TLS files are read here, before anything binds: a bad certificate is a
+    // configuration error like any other.
+    let frontend = match Server::new(&cfg.server) {
+        Ok(frontend) => frontend,
+        Err(error) => {
+            eprintln!("tmdb-proxy: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if let Some(Command::Check) = args.command {
         eprintln!("tmdb-proxy: {} is valid", args.config.display());
         eprintln!("{cfg:#?}");
@@ -53,10 +63,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    runtime.block_on(serve(args.config, cfg))
+    runtime.block_on(serve(args.config, cfg, frontend))
 }
 
-async fn serve(path: PathBuf, cfg: Config) -> ExitCode {
+async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
     let proxy = match Proxy::new(&cfg) {
         Ok(proxy) => proxy,
         Err(error) => {
@@ -104,7 +114,9 @@ async fn serve(path: PathBuf, cfg: Config) -> ExitCode {
         }))
     });
     let reloader = tokio::spawn(server::reload::watch(path, proxy.clone(), cfg.clone()));
-    server::run(listener, proxy, &cfg.server, server::shutdown::signal()).await;
+    frontend
+        .run(listener, proxy, server::shutdown::signal())
+        .await;
     reloader.abort();
     let _ = admin_stop.send(());
     if let Some(admin) = admin {

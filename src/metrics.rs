@@ -27,8 +27,11 @@ pub enum Outcome {
     Limited,
     /// Refused before spending a token: no key, bad page/date/appends, path, method, target.
     RejectedInvalid,
-    /// The upstream failed or answered an error the proxy translated; labelled with the code.
+    /// The upstream failed, answered 429, or answered an error the proxy translated; labelled
+    /// with the code the client got.
     UpstreamError,
+    /// A CORS preflight, answered by the proxy without a key.
+    Preflight,
 }
 
 impl Outcome {
@@ -38,6 +41,7 @@ impl Outcome {
             Self::Limited => "limited",
             Self::RejectedInvalid => "rejected_invalid",
             Self::UpstreamError => "upstream_error",
+            Self::Preflight => "preflight",
         }
     }
 }
@@ -82,7 +86,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests by outcome (forwarded, limited, rejected_invalid, upstream_error) and TMDB code",
+            "Requests by outcome (forwarded, limited, rejected_invalid, upstream_error, preflight) and TMDB code",
             requests.clone(),
         );
         let key_requests = Family::<KeyLabels, Counter>::default();

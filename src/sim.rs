@@ -2,11 +2,28 @@
 //!
 //! A small in-process hyper server that answers TMDB-shaped JSON, checks that a key is present,
 //! can enforce TMDB's own per-key limit (answering 429 with code 25, as TMDB does), and records
-//! what arrived and when, so tests can measure what the proxy let through. Behaviours for tests are
-//! set per path: a fixed answer, a slow streamed body, or a stall.
+//! what arrived and when, so tests can measure what the proxy let through. It is configured with
+//! a builder, including bad behaviours per path:
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use std::time::Duration;
+//! use tmdb_proxy::sim::{Fault, Sim};
+//! let sim = Sim::builder()
+//!     .latency(Duration::from_millis(20))
+//!     .json("/3/movie/550", 200, r#"{"id":550}"#)
+//!     .stall("/3/slow")
+//!     .fault("/3/broken", Fault::BreakBody)
+//!     .start()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! It listens on `127.0.0.1:0`, and [`Sim::dialer`] also reaches it through an in-memory pipe, for
+//! tests that run the proxy on paused time.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,13 +39,18 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::limiter::key::{api_key_param, bearer_token};
-use crate::tmdb::ErrorBody;
+use crate::server::accept;
 use crate::tmdb::status::{self, code};
+use crate::tmdb::{ErrorBody, Query, auth};
+use crate::upstream::Dialer;
+
+/// Bytes an in-memory connection buffers each way before a writer waits.
+const PIPE_BUFFER: usize = 64 * 1024;
 
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone)]
@@ -63,6 +85,17 @@ pub enum Route {
     },
     /// Never answers.
     Stall,
+    /// Misbehaves.
+    Fault(Fault),
+}
+
+/// A way for an upstream to fail an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Closes the connection without answering.
+    Close,
+    /// Sends 200 headers with a `Content-Length` of 100,000 and a few bytes, then breaks the body.
+    BreakBody,
 }
 
 impl Route {
@@ -74,17 +107,149 @@ impl Route {
             body: body.into(),
         }
     }
+
+    /// A fixed answer with these headers.
+    pub fn with_headers(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Self {
+        Self::Fixed {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            headers: headers
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            body: body.into(),
+        }
+    }
 }
 
-/// Stand-in settings.
+/// Stand-in settings, gathered by [`SimBuilder`].
 #[derive(Debug, Clone, Default)]
-pub struct SimConfig {
+struct SimConfig {
     /// Enforce TMDB's own limit: at most this many requests per key in any one-second window.
-    pub rate_limit: Option<u32>,
+    rate_limit: Option<u32>,
     /// Delay before every answer.
-    pub latency: Duration,
+    latency: Duration,
     /// Answers by path, overriding the built-in TMDB-like ones.
-    pub routes: HashMap<String, Route>,
+    routes: HashMap<String, Route>,
+}
+
+/// Builds a [`Sim`].
+#[derive(Debug, Default)]
+pub struct SimBuilder {
+    cfg: SimConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl SimBuilder {
+    /// Answers `path` as `route` says.
+    pub fn route(mut self, path: &str, route: Route) -> Self {
+        self.cfg.routes.insert(path.to_owned(), route);
+        self
+    }
+
+    /// Answers `path` with `status` and a JSON body.
+    pub fn json(self, path: &str, status: u16, body: impl Into<Bytes>) -> Self {
+        self.route(path, Route::json(status, body))
+    }
+
+    /// Answers `path` with `status`, these headers, and `body`.
+    pub fn respond(
+        self,
+        path: &str,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Self {
+        self.route(path, Route::with_headers(status, headers, body))
+    }
+
+    /// Never answers `path`.
+    pub fn stall(self, path: &str) -> Self {
+        self.route(path, Route::Stall)
+    }
+
+    /// Fails every exchange on `path` with `fault`.
+    pub fn fault(self, path: &str, fault: Fault) -> Self {
+        self.route(path, Route::Fault(fault))
+    }
+
+    /// Answers `path` with a body of `chunks` chunks of `chunk_size` bytes, holding all but the
+    /// first back until `gate` is notified, if given.
+    pub fn stream(
+        self,
+        path: &str,
+        chunk_size: usize,
+        chunks: usize,
+        gate: Option<Arc<Notify>>,
+    ) -> Self {
+        self.route(
+            path,
+            Route::Stream {
+                chunk_size,
+                chunks,
+                gate,
+            },
+        )
+    }
+
+    /// Enforces TMDB's own limit: at most `per_second` requests per key in any one-second window,
+    /// answering more with 429 code 25 (`None`: no limit).
+    pub fn rate_limit(mut self, per_second: Option<u32>) -> Self {
+        self.cfg.rate_limit = per_second;
+        self
+    }
+
+    /// Waits `latency` before every answer.
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.cfg.latency = latency;
+        self
+    }
+
+    /// Speaks HTTPS with `tls` (tests of the proxy's upstream TLS).
+    pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Binds `127.0.0.1:0` and starts.
+    pub async fn start(self) -> io::Result<Sim> {
+        self.start_on(TcpListener::bind("127.0.0.1:0").await?)
+    }
+
+    /// Starts on `listener`; serves until the [`Sim`] is dropped.
+    pub fn start_on(self, listener: TcpListener) -> io::Result<Sim> {
+        let addr = listener.local_addr()?;
+        let stand_in = Arc::new(StandIn {
+            cfg: self.cfg,
+            state: State::default(),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let tls = self.tls.map(tokio_rustls::TlsAcceptor::from);
+        let serving = stand_in.clone();
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            accept::accept_until(&listener, "tmdb-sim", None, stopped, |stream, _, _| {
+                let (stand_in, tls) = (serving.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                stand_in.serve(stream).await;
+                            }
+                        }
+                        None => stand_in.serve(stream).await,
+                    }
+                });
+            })
+            .await;
+        });
+        Ok(Sim {
+            addr,
+            stand_in,
+            _stop: stop,
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -97,11 +262,18 @@ struct State {
     accepted: AtomicUsize,
 }
 
+/// The stand-in's settings and what it has seen, shared by its connections.
+#[derive(Debug)]
+struct StandIn {
+    cfg: SimConfig,
+    state: State,
+}
+
 /// A running stand-in. Dropping it stops the accept loop.
 #[derive(Debug)]
 pub struct Sim {
     addr: SocketAddr,
-    state: Arc<State>,
+    stand_in: Arc<StandIn>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -110,45 +282,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Sim {
-    /// Starts on `listener` and serves until dropped.
-    pub fn start(listener: TcpListener, cfg: SimConfig) -> std::io::Result<Self> {
-        Self::spawn(listener, cfg, None)
-    }
-
-    /// Starts on `listener`, speaking HTTPS with `tls` (tests of the proxy's upstream TLS).
-    pub fn start_tls(
-        listener: TcpListener,
-        cfg: SimConfig,
-        tls: Arc<rustls::ServerConfig>,
-    ) -> std::io::Result<Self> {
-        Self::spawn(listener, cfg, Some(tokio_rustls::TlsAcceptor::from(tls)))
-    }
-
-    fn spawn(
-        listener: TcpListener,
-        cfg: SimConfig,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-    ) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let state = Arc::new(State::default());
-        let (stop, stopped) = oneshot::channel();
-        tokio::spawn(accept_loop(
-            listener,
-            Arc::new(cfg),
-            state.clone(),
-            stopped,
-            tls,
-        ));
-        Ok(Self {
-            addr,
-            state,
-            _stop: stop,
-        })
-    }
-
-    /// Binds `127.0.0.1:0` and starts.
-    pub async fn start_local(cfg: SimConfig) -> std::io::Result<Self> {
-        Self::start(TcpListener::bind("127.0.0.1:0").await?, cfg)
+    /// A stand-in to configure.
+    pub fn builder() -> SimBuilder {
+        SimBuilder::default()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -160,29 +296,40 @@ impl Sim {
         format!("http://{}", self.addr)
     }
 
+    /// Opens in-memory connections to this stand-in, as if accepted on its listener (plain HTTP).
+    pub fn dialer(&self) -> Dialer {
+        let stand_in = self.stand_in.clone();
+        Arc::new(move || {
+            let (client, server) = tokio::io::duplex(PIPE_BUFFER);
+            let stand_in = stand_in.clone();
+            tokio::spawn(async move { stand_in.serve(server).await });
+            client
+        })
+    }
+
     /// Every request received so far, in arrival order.
     pub fn arrivals(&self) -> Vec<Arrival> {
-        lock(&self.state.arrivals).clone()
+        lock(&self.stand_in.state.arrivals).clone()
     }
 
     /// Requests received so far.
     pub fn hits(&self) -> usize {
-        lock(&self.state.arrivals).len()
+        lock(&self.stand_in.state.arrivals).len()
     }
 
     /// Connections open now.
     pub fn open_connections(&self) -> usize {
-        self.state.open.load(Ordering::SeqCst)
+        self.stand_in.state.open.load(Ordering::SeqCst)
     }
 
     /// Most connections ever open at once.
     pub fn max_open_connections(&self) -> usize {
-        self.state.max_open.load(Ordering::SeqCst)
+        self.stand_in.state.max_open.load(Ordering::SeqCst)
     }
 
     /// Connections accepted in total.
     pub fn accepted_connections(&self) -> usize {
-        self.state.accepted.load(Ordering::SeqCst)
+        self.stand_in.state.accepted.load(Ordering::SeqCst)
     }
 }
 
@@ -201,90 +348,73 @@ pub fn max_in_window(times: &[Instant], window: Duration) -> usize {
     best
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    cfg: Arc<SimConfig>,
-    state: Arc<State>,
-    mut stopped: oneshot::Receiver<()>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-            _ = &mut stopped => return,
-        };
+// === impl StandIn ===
+
+impl StandIn {
+    /// Serves one connection, HTTP/1.1 or HTTP/2, counting it while it is open.
+    async fn serve<IO>(self: Arc<Self>, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = &self.state;
         let open = state.open.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_open.fetch_max(open, Ordering::SeqCst);
         state.accepted.fetch_add(1, Ordering::SeqCst);
-        let (cfg, state, tls) = (cfg.clone(), state.clone(), tls.clone());
-        tokio::spawn(async move {
-            match tls {
-                Some(acceptor) => {
-                    if let Ok(stream) = acceptor.accept(stream).await {
-                        serve(stream, cfg, state.clone()).await;
-                    }
-                }
-                None => serve(stream, cfg, state.clone()).await,
-            }
-            state.open.fetch_sub(1, Ordering::SeqCst);
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            let this = this.clone();
+            async move { this.answer(req).await }
         });
+        let _ = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+        self.state.open.fetch_sub(1, Ordering::SeqCst);
     }
-}
 
-/// Serves one connection, HTTP/1.1 or HTTP/2.
-async fn serve<IO>(io: IO, cfg: Arc<SimConfig>, state: Arc<State>)
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req| {
-        let (cfg, state) = (cfg.clone(), state.clone());
-        async move { Ok::<_, Infallible>(answer(req, &cfg, &state).await) }
-    });
-    let _ = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), service)
-        .await;
-}
+    /// Records the request, then answers it; an `Err` closes the connection unanswered.
+    async fn answer(&self, req: Request<Incoming>) -> Result<Response<SimBody>, io::Error> {
+        let now = Instant::now();
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let query = Query::parse(parts.uri.query());
+        let credential = auth::credential(&query, &parts.headers).map(|c| c.as_sent().to_owned());
+        lock(&self.state.arrivals).push(Arrival {
+            at: now,
+            method: parts.method.clone(),
+            path: path.clone(),
+            query: parts.uri.query().map(str::to_owned),
+            credential: credential.clone(),
+            headers: parts.headers.clone(),
+            body,
+        });
 
-async fn answer(req: Request<Incoming>, cfg: &SimConfig, state: &State) -> Response<SimBody> {
-    let now = Instant::now();
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let req = Request::from_parts(parts, ());
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().map(str::to_owned);
-    let credential = query
-        .as_deref()
-        .and_then(api_key_param)
-        .map(|k| k.into_owned())
-        .or_else(|| bearer_token(req.headers()).map(str::to_owned));
-    lock(&state.arrivals).push(Arrival {
-        at: now,
-        method: req.method().clone(),
-        path: path.clone(),
-        query: query.clone(),
-        credential: credential.clone(),
-        headers: req.headers().clone(),
-        body,
-    });
-
-    if !cfg.latency.is_zero() {
-        tokio::time::sleep(cfg.latency).await;
+        if !self.cfg.latency.is_zero() {
+            tokio::time::sleep(self.cfg.latency).await;
+        }
+        if let Some(route) = self.cfg.routes.get(&path) {
+            return route_response(route).await;
+        }
+        let Some(credential) = credential else {
+            return Ok(tmdb_error(ErrorBody::for_code(code::INVALID_API_KEY)));
+        };
+        if let Some(limited) = self.over_rate_limit(credential, now) {
+            return Ok(limited);
+        }
+        Ok(match builtin(&path, &query) {
+            Some(json) => json_response(StatusCode::OK, json),
+            None => tmdb_error(ErrorBody::for_code(code::NOT_FOUND)),
+        })
     }
-    if let Some(route) = cfg.routes.get(&path) {
-        return route_response(route).await;
-    }
-    let Some(credential) = credential else {
-        return tmdb_error(ErrorBody::for_code(code::INVALID_API_KEY));
-    };
-    if let Some(limit) = cfg.rate_limit {
-        let mut windows = lock(&state.windows);
+
+    /// TMDB's own 429 when `credential` is over `rate_limit` in the second before `now`.
+    fn over_rate_limit(&self, credential: String, now: Instant) -> Option<Response<SimBody>> {
+        let limit = self.cfg.rate_limit?;
+        let mut windows = lock(&self.state.windows);
         let window = windows.entry(credential).or_default();
         while window
             .front()
@@ -292,25 +422,21 @@ async fn answer(req: Request<Incoming>, cfg: &SimConfig, state: &State) -> Respo
         {
             window.pop_front();
         }
-        if window.len() >= limit as usize {
-            let count = window.len() as u64 + 1;
-            drop(windows);
-            let mut response = tmdb_error(ErrorBody::rate_limited(count, u64::from(limit)));
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
-            return response;
+        if window.len() < limit as usize {
+            window.push_back(now);
+            return None;
         }
-        window.push_back(now);
-    }
-    match builtin(&path, query.as_deref()) {
-        Some(json) => json_response(StatusCode::OK, json),
-        None => tmdb_error(ErrorBody::for_code(code::NOT_FOUND)),
+        let count = window.len() as u64 + 1;
+        let mut response = tmdb_error(ErrorBody::rate_limited(count, u64::from(limit)));
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        Some(response)
     }
 }
 
 /// TMDB-like answers for a few endpoints a demo or a client library's smoke test calls.
-fn builtin(path: &str, query: Option<&str>) -> Option<String> {
+fn builtin(path: &str, query: &Query<'_>) -> Option<String> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
         ["3", "configuration"] => Some(
@@ -325,11 +451,8 @@ fn builtin(path: &str, query: Option<&str>) -> Option<String> {
             ))
         }
         ["3", "search", kind] => {
-            let term = query
-                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "query"))
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default();
-            let term = serde_json::to_string(&term).unwrap_or_else(|_| "\"\"".into());
+            let term = query.values("query").next().unwrap_or_default();
+            let term = serde_json::to_string(term).unwrap_or_else(|_| "\"\"".into());
             Some(format!(
                 r#"{{"page":1,"results":[{{"id":550,"media_type":"{kind}","title":{term}}}],"total_pages":1,"total_results":1}}"#
             ))
@@ -338,8 +461,8 @@ fn builtin(path: &str, query: Option<&str>) -> Option<String> {
     }
 }
 
-async fn route_response(route: &Route) -> Response<SimBody> {
-    match route {
+async fn route_response(route: &Route) -> Result<Response<SimBody>, io::Error> {
+    let response = match route {
         Route::Fixed {
             status,
             headers,
@@ -384,7 +507,24 @@ async fn route_response(route: &Route) -> Response<SimBody> {
             response
         }
         Route::Stall => std::future::pending().await,
-    }
+        Route::Fault(Fault::Close) => {
+            return Err(io::Error::other("closing without an answer"));
+        }
+        Route::Fault(Fault::BreakBody) => {
+            let mut response = Response::new(SimBody::Broken {
+                data: Some(Bytes::from_static(br#"{"id":1,"#)),
+                flushed: false,
+            });
+            let headers = response.headers_mut();
+            headers.insert(
+                "content-type",
+                HeaderValue::from_static(status::CONTENT_TYPE),
+            );
+            headers.insert("content-length", HeaderValue::from_static("100000"));
+            response
+        }
+    };
+    Ok(response)
 }
 
 fn json_response(status: StatusCode, json: impl Into<Bytes>) -> Response<SimBody> {
@@ -406,19 +546,35 @@ fn tmdb_error(body: ErrorBody) -> Response<SimBody> {
 pub enum SimBody {
     Full(Option<Bytes>),
     Channel(mpsc::Receiver<Bytes>),
+    /// These bytes, then an error: the body breaks. `flushed` notes the one `Pending` between
+    /// the two, which lets hyper write the headers and bytes out before the break closes the
+    /// connection.
+    Broken {
+        data: Option<Bytes>,
+        flushed: bool,
+    },
 }
 
 impl Body for SimBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Self::Channel(rx) => rx.poll_recv(cx).map(|c| c.map(|d| Ok(Frame::data(d)))),
+            Self::Broken { data, flushed } => match (data.take(), *flushed) {
+                (Some(d), _) => Poll::Ready(Some(Ok(Frame::data(d)))),
+                (None, false) => {
+                    *flushed = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                (None, true) => Poll::Ready(Some(Err(io::Error::other("the body breaks here")))),
+            },
         }
     }
 }

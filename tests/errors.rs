@@ -6,9 +6,8 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::StatusCode;
 use support::*;
-use tmdb_proxy::sim::{Route, SimConfig};
+use tmdb_proxy::sim::{Fault, Sim};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -30,17 +29,8 @@ fn assert_tmdb(reply: &Reply, http: u16, code: u16) {
 }
 
 /// A stand-in answering `/3/x` with `status`, `content-type` and `body`.
-async fn answering(status: u16, content_type: &str, body: &'static str) -> tmdb_proxy::sim::Sim {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/x".into(),
-        Route::Fixed {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: vec![("content-type".into(), content_type.into())],
-            body: Bytes::from_static(body.as_bytes()),
-        },
-    );
-    sim_with(cfg).await
+async fn answering(status: u16, content_type: &str, body: &'static str) -> Sim {
+    sim_with(Sim::builder().respond("/3/x", status, &[("content-type", content_type)], body)).await
 }
 
 async fn through_proxy(status: u16, content_type: &str, body: &'static str) -> Reply {
@@ -87,19 +77,12 @@ async fn non_tmdb_error_bodies_become_tmdb_bodies() {
 
 #[tokio::test]
 async fn upstream_429_with_any_body_is_429_code_25_with_retry_after() {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/x".into(),
-        Route::Fixed {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            headers: vec![("content-type".into(), "text/html".into())],
-            body: Bytes::from_static(HTML.as_bytes()),
-        },
-    );
-    let sim = sim_with(cfg).await;
+    let sim = answering(429, "text/html", HTML).await;
     let proxy = spawn_proxy("[limit]\nrequests_per_second = 40\n", &sim.url()).await;
     let reply = get(&http1_client(), &proxy.url("/3/x?api_key=HTML429")).await;
     assert_code_25(&reply, 40);
+    // No Retry-After from the upstream: the pause it imposes is 1 s.
+    assert_eq!(reply.header("retry-after"), Some("1"));
 }
 
 #[tokio::test]
@@ -166,19 +149,13 @@ async fn gzipped_tmdb_error_passes_through_still_compressed() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(json.as_bytes()).unwrap();
     let compressed = Bytes::from(gz.finish().unwrap());
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/x".into(),
-        Route::Fixed {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            headers: vec![
-                ("content-type".into(), JSON.into()),
-                ("content-encoding".into(), "gzip".into()),
-            ],
-            body: compressed.clone(),
-        },
-    );
-    let sim = sim_with(cfg).await;
+    let sim = sim_with(Sim::builder().respond(
+        "/3/x",
+        422,
+        &[("content-type", JSON), ("content-encoding", "gzip")],
+        compressed.clone(),
+    ))
+    .await;
     let proxy = spawn_proxy("", &sim.url()).await;
     let reply = get_with(
         &http1_client(),
@@ -236,6 +213,18 @@ async fn reset_before_response_is_502_code_43() {
 }
 
 #[tokio::test]
+async fn a_connection_closed_without_an_answer_is_502_code_43() {
+    let sim = sim_with(Sim::builder().fault("/3/movie/1", Fault::Close)).await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    assert_tmdb(
+        &get(&http1_client(), &proxy.url("/3/movie/1?api_key=CLOSED")).await,
+        502,
+        43,
+    );
+    assert_eq!(sim.hits(), 1);
+}
+
+#[tokio::test]
 async fn a_reply_that_is_not_http_is_502_code_43() {
     let url = raw_upstream(|mut stream| async move {
         let _ = stream
@@ -277,14 +266,8 @@ async fn connect_beyond_connect_timeout_is_504_code_24() {
 
 #[tokio::test]
 async fn body_broken_after_headers_closes_the_connection_without_a_second_response() {
-    let url = raw_upstream(|mut stream| async move {
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"id\":1,")
-            .await;
-        let _ = stream.set_zero_linger();
-        drop(stream);
-    })
-    .await;
+    let sim = sim_with(Sim::builder().fault("/3/movie/1", Fault::BreakBody)).await;
+    let url = sim.url();
     let proxy = spawn_proxy("", &url).await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     client
@@ -310,75 +293,6 @@ async fn body_broken_after_headers_closes_the_connection_without_a_second_respon
         .await,
         "the break is counted"
     );
-}
-
-#[tokio::test]
-async fn upstream_429_pauses_the_key_until_retry_after() {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/limited".into(),
-        Route::Fixed {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            headers: vec![
-                ("content-type".into(), JSON.into()),
-                ("retry-after".into(), "1".into()),
-            ],
-            body: Bytes::from_static(
-                br#"{"success":false,"status_code":25,"status_message":"Your request count (51) is over the allowed limit of (50)."}"#,
-            ),
-        },
-    );
-    let sim = sim_with(cfg).await;
-    let proxy = spawn_proxy("[limit]\nmode = \"reject\"\n", &sim.url()).await;
-    let client = http1_client();
-
-    let first = get(&client, &proxy.url("/3/limited?api_key=PAUSED")).await;
-    assert_eq!(first.status, 429);
-    assert_eq!(first.header("retry-after"), Some("1"));
-    assert!(first.text().contains(r#""status_code":25"#));
-    let upstream_429_at = sim.arrivals()[0].at;
-
-    // While paused, the key is answered locally: the upstream sees nothing for it.
-    for _ in 0..5 {
-        assert_code_25(
-            &get(&client, &proxy.url("/3/movie/1?api_key=PAUSED")).await,
-            50,
-        );
-    }
-    // Another key is not paused.
-    assert_eq!(
-        get(&client, &proxy.url("/3/movie/1?api_key=OTHER"))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(sim.hits(), 2);
-
-    // Once Retry-After has passed, the key is forwarded again.
-    let mut served = false;
-    for _ in 0..150 {
-        if get(&client, &proxy.url("/3/movie/2?api_key=PAUSED"))
-            .await
-            .status
-            == 200
-        {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(served);
-    for arrival in sim
-        .arrivals()
-        .iter()
-        .filter(|a| a.credential.as_deref() == Some("PAUSED"))
-        .skip(1)
-    {
-        assert!(
-            arrival.at - upstream_429_at >= Duration::from_secs(1),
-            "forwarded during the pause"
-        );
-    }
 }
 
 #[tokio::test]

@@ -10,31 +10,25 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use support::*;
-use tmdb_proxy::sim::{Route, SimConfig};
+use tmdb_proxy::sim::Sim;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 #[tokio::test]
 async fn keyed_request_is_forwarded_and_response_comes_back_intact() {
     let body = r#"{"id":550,"title":"Fight Club","tagline":"Mischief. Mayhem. Soap."}"#;
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/movie/550".into(),
-        Route::Fixed {
-            status: StatusCode::OK,
-            headers: vec![
-                (
-                    "content-type".into(),
-                    "application/json;charset=utf-8".into(),
-                ),
-                ("cache-control".into(), "public, max-age=21384".into()),
-                ("etag".into(), "W/\"abc\"".into()),
-                ("x-custom-upstream".into(), "kept".into()),
-            ],
-            body: Bytes::from_static(body.as_bytes()),
-        },
-    );
-    let sim = sim_with(cfg).await;
+    let sim = sim_with(Sim::builder().respond(
+        "/3/movie/550",
+        200,
+        &[
+            ("content-type", "application/json;charset=utf-8"),
+            ("cache-control", "public, max-age=21384"),
+            ("etag", "W/\"abc\""),
+            ("x-custom-upstream", "kept"),
+        ],
+        body,
+    ))
+    .await;
     let proxy = spawn_proxy("", &sim.url()).await;
     let client = http1_client();
 
@@ -105,22 +99,16 @@ async fn request_bodies_are_forwarded() {
 #[tokio::test]
 async fn compressed_bodies_pass_through_untouched() {
     let gz = Bytes::from_static(&[0x1f, 0x8b, 0x08, 0x00, 0xde, 0xad, 0xbe, 0xef, 0x00, 0xff]);
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/configuration".into(),
-        Route::Fixed {
-            status: StatusCode::OK,
-            headers: vec![
-                (
-                    "content-type".into(),
-                    "application/json;charset=utf-8".into(),
-                ),
-                ("content-encoding".into(), "gzip".into()),
-            ],
-            body: gz.clone(),
-        },
-    );
-    let sim = sim_with(cfg).await;
+    let sim = sim_with(Sim::builder().respond(
+        "/3/configuration",
+        200,
+        &[
+            ("content-type", "application/json;charset=utf-8"),
+            ("content-encoding", "gzip"),
+        ],
+        gz.clone(),
+    ))
+    .await;
     let proxy = spawn_proxy("", &sim.url()).await;
     let reply = get_with(
         &http1_client(),
@@ -214,11 +202,7 @@ async fn only_the_configured_upstream_is_ever_contacted() {
 
 #[tokio::test]
 async fn upstream_never_sees_more_than_max_connections() {
-    let sim = sim_with(SimConfig {
-        latency: Duration::from_millis(30),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = sim_with(Sim::builder().latency(Duration::from_millis(30))).await;
     let proxy = spawn_proxy(
         "[upstream]\nmax_connections = 4\n[limit]\nrequests_per_second = 1000\n",
         &sim.url(),
@@ -253,16 +237,8 @@ async fn upstream_never_sees_more_than_max_connections() {
 #[tokio::test]
 async fn large_response_streams_without_being_held_whole() {
     let gate = Arc::new(Notify::new());
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/big".into(),
-        Route::Stream {
-            chunk_size: 64 * 1024,
-            chunks: 128, // 8 MiB
-            gate: Some(gate.clone()),
-        },
-    );
-    let sim = sim_with(cfg).await;
+    // 128 chunks of 64 KiB: 8 MiB.
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 128, Some(gate.clone()))).await;
     let proxy = spawn_proxy("", &sim.url()).await;
     let client = http1_client();
     let req = Request::get(proxy.url("/3/big?api_key=K"))
@@ -337,11 +313,7 @@ async fn cors_preflight_is_answered_locally_and_limits_are_exposed() {
 
 #[tokio::test]
 async fn idle_client_connections_are_closed_but_busy_ones_are_not() {
-    let sim = sim_with(SimConfig {
-        latency: Duration::from_millis(700),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = sim_with(Sim::builder().latency(Duration::from_millis(700))).await;
     let proxy = spawn_proxy("[server]\nidle_timeout = \"300ms\"\n", &sim.url()).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     // A request slower than the idle timeout is still answered on its connection.

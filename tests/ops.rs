@@ -6,11 +6,10 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::StatusCode;
 use support::*;
 use tmdb_proxy::Config;
-use tmdb_proxy::sim::{Route, SimConfig, max_in_window};
+use tmdb_proxy::sim::{Sim, max_in_window};
 use tokio::net::TcpListener;
 
 /// Starts the admin listener for `proxy` on 127.0.0.1:0; returns its base URL.
@@ -35,16 +34,13 @@ fn metric(text: &str, line_start: &str) -> f64 {
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/broken".into(),
-        Route::Fixed {
-            status: StatusCode::BAD_GATEWAY,
-            headers: vec![("content-type".into(), "text/html".into())],
-            body: Bytes::from_static(b"<html>bad gateway</html>"),
-        },
-    );
-    let sim = sim_with(cfg).await;
+    let sim = sim_with(Sim::builder().respond(
+        "/3/broken",
+        502,
+        &[("content-type", "text/html")],
+        "<html>bad gateway</html>",
+    ))
+    .await;
     let proxy = spawn_proxy(
         "[limit]\nrequests_per_second = 2\nmode = \"reject\"\n[keys.aliases]\nweb = \"WEBKEY\"\n",
         &sim.url(),
@@ -149,45 +145,40 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get(&client, &format!("{admin}/healthz")).await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn upstream_429s_and_queue_are_counted() {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/limited".into(),
-        Route::json(429, r#"{"status_code":25,"status_message":"x"}"#),
-    );
-    let sim = sim_with(cfg).await;
-    let proxy = spawn_proxy(
-        "[limit]\nrequests_per_second = 1\nmax_wait = \"5s\"\n",
-        &sim.url(),
-    )
+    let sim = sim_with(Sim::builder().json(
+        "/3/limited",
+        429,
+        r#"{"status_code":25,"status_message":"x"}"#,
+    ))
     .await;
-    let admin = admin(&proxy).await;
-    let client = http1_client();
-    assert_eq!(
-        get(&client, &proxy.url("/3/limited?api_key=U"))
-            .await
-            .status,
-        429
-    );
-    // A request queued behind the pause shows in the queue gauge.
-    let waiter = {
-        let (client, url) = (client.clone(), proxy.url("/3/movie/1?api_key=U"));
-        tokio::spawn(async move { get(&client, &url).await })
-    };
-    let limiter = proxy.proxy.limiter();
-    assert!(eventually(Duration::from_secs(5), || limiter.waiting() == 1).await);
-    let text = get(&client, &format!("{admin}/metrics"))
-        .await
-        .text()
-        .to_owned();
+    let harness = InProcess::new("[limit]\nrequests_per_second = 1\nmax_wait = \"5s\"\n", sim);
+    assert_eq!(harness.get("/3/limited?api_key=U").await.status, 429);
+    // A request queued behind the pause (1 s: the upstream sent no Retry-After) shows in the
+    // queue gauge.
+    let waiter = harness.spawn_get("/3/movie/1?api_key=U");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(harness.proxy.queued(), 1);
+    let text = harness.proxy.render_metrics();
     assert_eq!(
         metric(&text, "tmdb_proxy_upstream_429_total"),
         1.0,
         "{text}"
     );
     assert_eq!(metric(&text, "tmdb_proxy_queue_waiting"), 1.0);
+    assert_eq!(
+        metric(
+            &text,
+            r#"tmdb_proxy_requests_total{outcome="upstream_error",code="25"}"#
+        ),
+        1.0
+    );
     assert_eq!(waiter.await.unwrap().status, 200);
+    assert_eq!(
+        metric(&harness.proxy.render_metrics(), "tmdb_proxy_queue_waiting"),
+        0.0
+    );
 }
 
 #[tokio::test]

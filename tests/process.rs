@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
-use tmdb_proxy::sim::{Route, SimConfig};
+use tmdb_proxy::sim::Sim;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -126,11 +126,7 @@ fn config_for(sim: &tmdb_proxy::sim::Sim, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
-    let sim = sim_with(SimConfig {
-        latency: Duration::from_millis(1500),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = sim_with(Sim::builder().latency(Duration::from_millis(1500))).await;
     let proxy = Process::start("sigterm", &config_for(&sim, "")).await;
     let client = http1_client();
     let slow = {
@@ -223,12 +219,7 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_log_line_shows_a_key_or_token() {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert(
-        "/3/html".into(),
-        Route::json(502, "<html>edge error</html>"),
-    );
-    let sim = sim_with(cfg).await;
+    let sim = sim_with(Sim::builder().json("/3/html", 502, "<html>edge error</html>")).await;
     let proxy = Process::start(
         "secrets",
         &config_for(

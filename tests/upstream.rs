@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tmdb_proxy::sim::{Route, Sim, SimConfig};
+use tmdb_proxy::sim::Sim;
 use tokio::net::TcpListener;
 
 /// A self-signed certificate for 127.0.0.1, written as PEM to a temporary file.
@@ -38,7 +38,10 @@ fn test_cert(name: &str) -> TestCert {
 
 async fn tls_sim(cert: &TestCert) -> Sim {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Sim::start_tls(listener, SimConfig::default(), cert.server.clone()).unwrap()
+    Sim::builder()
+        .tls(cert.server.clone())
+        .start_on(listener)
+        .unwrap()
 }
 
 #[tokio::test]
@@ -93,19 +96,19 @@ async fn refused_connection_is_a_502_code_43() {
     assert!(reply.header("ratelimit").is_some());
 }
 
-#[tokio::test]
-async fn stalled_upstream_is_a_504_code_24_after_request_timeout() {
-    let mut cfg = SimConfig::default();
-    cfg.routes.insert("/3/stall".into(), Route::Stall);
-    let sim = sim_with(cfg).await;
-    let proxy = spawn_proxy("[upstream]\nrequest_timeout = \"300ms\"\n", &sim.url()).await;
+#[tokio::test(start_paused = true)]
+async fn stalled_upstream_is_a_504_code_24_after_exactly_request_timeout() {
+    let harness = InProcess::new(
+        "[upstream]\nrequest_timeout = \"300ms\"\n",
+        sim_with(Sim::builder().stall("/3/stall")).await,
+    );
     let started = tokio::time::Instant::now();
-    let reply = get(&http1_client(), &proxy.url("/3/stall?api_key=SLOW")).await;
+    let reply = harness.get("/3/stall?api_key=SLOW").await;
     assert_eq!(reply.status, 504);
     assert_eq!(
         reply.text(),
         r#"{"success":false,"status_code":24,"status_message":"Your request to the backend server timed out. Try again."}"#
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(sim.hits(), 1);
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    assert_eq!(harness.sim.hits(), 1);
 }

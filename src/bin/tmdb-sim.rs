@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tmdb_proxy::sim::{Sim, SimConfig};
+use tmdb_proxy::sim::Sim;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,12 +35,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(69);
         }
     };
-    let cfg = SimConfig {
-        rate_limit: (args.rate_limit > 0).then_some(args.rate_limit),
-        latency: args.latency,
-        ..SimConfig::default()
-    };
-    let sim = match Sim::start(listener, cfg) {
+    let sim = match Sim::builder()
+        .rate_limit((args.rate_limit > 0).then_some(args.rate_limit))
+        .latency(args.latency)
+        .start_on(listener)
+    {
         Ok(sim) => sim,
         Err(error) => {
             tracing::error!(%error, "cannot start");

@@ -70,8 +70,9 @@ pub enum Decision {
     },
     /// Refused: the request could not go within the allowed wait.
     Deny {
-        /// Requests in the current window, this one included.
-        count: u32,
+        /// Tokens held (spent or reserved) when it was refused, this request not included. While
+        /// paced or paused this may be under the capacity.
+        in_window: u32,
         /// Earliest time a request could be admitted.
         next_free: Nanos,
     },
@@ -224,12 +225,26 @@ impl Bucket {
 
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
     pub fn acquire(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
+        self.acquire_after(now, now, quota, max_wait)
+    }
+
+    /// Asks for a token at `now` or later, but not before `not_before`, waiting at most
+    /// `max_wait` from `now`: a request that already holds a slot for `not_before` in another
+    /// bucket (its key's) has no use for an earlier one in this (the global).
+    pub fn acquire_after(
+        &mut self,
+        now: Nanos,
+        not_before: Nanos,
+        quota: Quota,
+        max_wait: Nanos,
+    ) -> Decision {
         self.refill(now, quota);
         let now = match self.spent.last() {
             Some(&last) if last > now && last - now <= CLOCK_SKEW => last,
             _ => now,
         };
-        if let Some(hole) = self.reusable_hole(now, quota) {
+        let floor = now.max(not_before);
+        if let Some(hole) = self.reusable_hole(floor, quota) {
             if hole - now <= max_wait {
                 let p = self.spent.partition_point(|&e| e <= hole);
                 self.spent.insert(p, hole);
@@ -241,13 +256,10 @@ impl Bucket {
             }
             self.holes.get_or_insert_default().push(hole);
         }
-        let at = self.next_slot(now, quota);
+        let at = self.next_slot(floor, quota);
         if at - now > max_wait {
-            // Refused while paced or paused, a request may find tokens in hand; it still counts
-            // as over the limit, so the reported count always exceeds it.
-            let held = u32::try_from(self.spent.len()).unwrap_or(u32::MAX);
             return Decision::Deny {
-                count: held.max(quota.capacity).saturating_add(1),
+                in_window: u32::try_from(self.spent.len()).unwrap_or(u32::MAX),
                 next_free: at,
             };
         }
@@ -401,7 +413,7 @@ mod tests {
         assert_eq!(
             b.acquire(t0 + MS, q, 0),
             Decision::Deny {
-                count: 6,
+                in_window: 5,
                 next_free: t0 + q.window
             }
         );
@@ -494,6 +506,27 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_is_never_granted_before_not_before() {
+        let q = quota(5);
+        let mut b = Bucket::default();
+        // Tokens are free now, but the request cannot leave before 300 ms.
+        assert_eq!(
+            b.acquire_after(0, 300 * MS, q, SEC),
+            Decision::Admit {
+                at: 300 * MS,
+                remaining: 4,
+                next_free: 300 * MS
+            }
+        );
+        // Beyond the allowed wait it is refused, and nothing is recorded.
+        assert!(matches!(
+            b.acquire_after(0, 2 * SEC, q, SEC),
+            Decision::Deny { in_window: 1, .. }
+        ));
+        assert_eq!(b.held(), 1);
+    }
+
+    #[test]
     fn released_slot_is_reused() {
         let q = quota(1);
         let mut b = Bucket::default();
@@ -559,7 +592,7 @@ mod tests {
         assert_eq!(
             b.acquire(30 * MS, q, 0),
             Decision::Deny {
-                count: 51,
+                in_window: 1,
                 next_free: 1010 * MS
             }
         );

@@ -1,7 +1,9 @@
 //! The table of buckets, one per key, in a `DashMap`.
 //!
-//! Every method takes what it needs and returns owned values: no `Ref`/`RefMut` ever leaves this
-//! module, so no caller can hold a shard lock across an `.await` (a known DashMap deadlock).
+//! Every access is a closure run on one key's bucket under its shard's lock (the shape of
+//! governor's `StateStore::measure_and_replace`): the closure is synchronous and returns an owned
+//! value, so no `Ref`/`RefMut` ever leaves this module and no caller can hold a shard lock across
+//! an `.await` (a known DashMap deadlock). What a closure does is the bucket's business.
 //!
 //! The map hashes with foldhash, seeded per process: a key is already a 64-bit hash, so SipHash
 //! would only cost time, while a fixed (or identity) hash of a public function would let a client
@@ -9,7 +11,7 @@
 
 use dashmap::DashMap;
 
-use super::bucket::{Bucket, Decision, Nanos, Quota};
+use super::bucket::{Bucket, Nanos, Quota};
 use super::key::Key;
 
 /// Buckets by key.
@@ -19,59 +21,21 @@ pub struct Store {
 }
 
 impl Store {
-    /// Asks `key`'s bucket for a token at `now`, creating the bucket on first use.
-    pub fn check_at(&self, key: Key, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
-        self.buckets
-            .entry(key)
-            .or_default()
-            .acquire(now, quota, max_wait)
+    /// Runs `f` on `key`'s bucket, creating an empty bucket first if there is none.
+    pub fn update<T>(&self, key: Key, f: impl FnOnce(&mut Bucket) -> T) -> T {
+        f(&mut self.buckets.entry(key).or_default())
     }
 
-    /// Returns an unused queued slot (see [`Bucket::release`]).
-    pub fn release(&self, key: Key, at: Nanos) {
-        if let Some(mut bucket) = self.buckets.get_mut(&key) {
-            bucket.release(at);
-        }
+    /// Runs `f` on `key`'s bucket if it has one. Lookups that must not grow the table (a peek, a
+    /// release, a key that may be new while the table is full) go through here.
+    pub fn update_existing<T>(&self, key: Key, f: impl FnOnce(&mut Bucket) -> T) -> Option<T> {
+        self.buckets.get_mut(&key).map(|mut bucket| f(&mut bucket))
     }
 
-    /// Moves `key`'s token stamped at `old` to `now` if it fits (see [`Bucket::restamp`]).
-    pub fn restamp(&self, key: Key, old: Nanos, now: Nanos, quota: Quota) -> bool {
-        // The bucket may have been swept while the request waited for a connection.
-        self.buckets
-            .entry(key)
-            .or_default()
-            .restamp(old, now, quota)
-    }
-
-    /// Whether `key` is paused at `t`.
-    pub fn is_paused(&self, key: Key, t: Nanos) -> bool {
-        self.buckets
-            .get(&key)
-            .is_some_and(|bucket| bucket.is_paused(t))
-    }
-
-    /// Tokens free for `key` at `now`, and when a request could next be admitted.
-    pub fn peek(&self, key: Key, now: Nanos, quota: Quota) -> (u32, Nanos) {
-        match self.buckets.get_mut(&key) {
-            Some(mut bucket) => bucket.peek(now, quota),
-            None => (quota.capacity, now),
-        }
-    }
-
-    /// Pauses `key` until `until`; returns whether it was not paused already.
-    pub fn pause(&self, key: Key, now: Nanos, until: Nanos) -> bool {
-        self.buckets.entry(key).or_default().pause(now, until)
-    }
-
-    /// Drops buckets that have fully refilled by `now`; returns how many remain.
+    /// Drops buckets that hold nothing any more at `now`; returns how many remain.
     pub fn retain_recent(&self, now: Nanos, quota: Quota) -> usize {
         self.buckets.retain(|_, bucket| !bucket.is_idle(now, quota));
         self.buckets.len()
-    }
-
-    /// Whether `key` has a bucket.
-    pub fn contains(&self, key: Key) -> bool {
-        self.buckets.contains_key(&key)
     }
 
     /// Buckets in the table.
@@ -88,6 +52,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::bucket::Decision;
 
     const SEC: Nanos = 1_000_000_000;
 
@@ -98,21 +63,16 @@ mod tests {
             capacity: 1,
             window: SEC,
         };
-        let (a, b) = (Key::from_credential("a"), Key::from_credential("b"));
-        assert!(matches!(
-            store.check_at(a, 0, quota, 0),
-            Decision::Admit { .. }
-        ));
-        assert!(matches!(
-            store.check_at(a, 1, quota, 0),
-            Decision::Deny { .. }
-        ));
-        assert!(matches!(
-            store.check_at(b, 1, quota, 0),
-            Decision::Admit { .. }
-        ));
+        let (a, b) = (Key::of("a"), Key::of("b"));
+        let acquire = |key, now| store.update(key, |bucket| bucket.acquire(now, quota, 0));
+        assert!(matches!(acquire(a, 0), Decision::Admit { .. }));
+        assert!(matches!(acquire(a, 1), Decision::Deny { .. }));
+        assert!(matches!(acquire(b, 1), Decision::Admit { .. }));
         assert_eq!(store.len(), 2);
         assert_eq!(store.retain_recent(SEC, quota), 1);
         assert_eq!(store.retain_recent(SEC + 1, quota), 0);
+        // Looking at a key without a bucket does not create one.
+        assert_eq!(store.update_existing(a, |bucket| bucket.held()), None);
+        assert!(store.is_empty());
     }
 }

@@ -1,8 +1,11 @@
-//! Header names the proxy reads or writes, hop-by-hop stripping, and the rate-limit fields.
+//! Header names the proxy reads or writes, hop-by-hop stripping, CORS, the rate-limit fields, and
+//! `Retry-After` both ways.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+
+use crate::limiter::RateState;
 
 /// IETF `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): the policy, stable per key.
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -110,13 +113,35 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// A key's limit state, as sent to the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateState {
-    pub limit: u32,
-    pub remaining: u32,
-    /// Time until a token is next free (zero while tokens remain).
-    pub reset_after: Duration,
+/// Longest pause an upstream 429 may impose on a key, whatever its `Retry-After` says.
+pub const MAX_UPSTREAM_PAUSE: Duration = Duration::from_secs(60);
+
+/// How long the upstream asked to wait after a 429: `Retry-After` in seconds or as an HTTP date,
+/// else one second; at most [`MAX_UPSTREAM_PAUSE`].
+pub fn upstream_retry_after(headers: &HeaderMap) -> Duration {
+    let value = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let wait = match value {
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => v
+            .parse()
+            .map(Duration::from_secs)
+            .unwrap_or(MAX_UPSTREAM_PAUSE),
+        Some(v) => httpdate::parse_http_date(v)
+            .ok()
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(1)),
+        None => Duration::from_secs(1),
+    };
+    wait.clamp(Duration::from_secs(1), MAX_UPSTREAM_PAUSE)
+}
+
+/// Adds `Retry-After` to a 429 that lacks one (TMDB's own 429 sometimes does): `wait` rounded up.
+pub fn ensure_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    headers
+        .entry(RETRY_AFTER)
+        .or_insert_with(|| HeaderValue::from(retry_after_secs(wait)));
 }
 
 /// Writes the rate-limit fields of a keyed response: the IETF pair always, the legacy
@@ -172,6 +197,30 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1050)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn upstream_retry_after_is_seconds_or_a_date_within_bounds() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            upstream_retry_after(&h)
+        };
+        assert_eq!(
+            upstream_retry_after(&HeaderMap::new()),
+            Duration::from_secs(1)
+        );
+        assert_eq!(with("3"), Duration::from_secs(3));
+        assert_eq!(with("0"), Duration::from_secs(1));
+        assert_eq!(with("86400"), MAX_UPSTREAM_PAUSE);
+        assert_eq!(with("soon"), Duration::from_secs(1));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let parsed = with(&later);
+        assert!(parsed > Duration::from_secs(28) && parsed <= Duration::from_secs(30));
+        let mut h = HeaderMap::new();
+        ensure_retry_after(&mut h, Duration::from_millis(1200));
+        ensure_retry_after(&mut h, Duration::from_secs(9));
+        assert_eq!(h[RETRY_AFTER], "2", "the first value stands");
     }
 
     #[test]

@@ -1,37 +1,47 @@
 //! The proxy: takes a client request, runs the phases in order, and always answers exactly once.
 //!
 //! [`Proxy::handle`] is infallible and callable without sockets; the server module only feeds it.
+//! Every request goes `handle → process → finish`:
+//! - [`Proxy::process`] runs the phases in order, filling the request's [`RequestCtx`]:
+//!   `request_filter` (never forwarded? whose budget? what TMDB would refuse?) →
+//!   `upstream_request` → the [`admission`] step (token, ready connection, confirm) → send →
+//!   `response_filter`. It returns the upstream's answer or the [`ProxyError`] that stopped it.
+//! - [`Proxy::finish`] is the one exit: it turns an error into TMDB's body, then writes the
+//!   rate-limit fields, `Retry-After`, CORS and `X-Request-Id`, the metric and the log line, once,
+//!   for every outcome.
 
+pub mod admission;
 pub mod body;
+pub mod ctx;
 pub mod headers;
 pub mod phases;
+mod settings;
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{Config, Secret, UpstreamConfig};
+use crate::config::Config;
 use crate::error::ProxyError;
-use crate::limiter::{Admission, Key, Limiter, Policy, Rejection};
+use crate::limiter::{Budget, Key, LocalBudget, Policy, Reason};
 use crate::metrics::{Metrics, Outcome};
-use crate::upstream::{BoxError, BuildError, Upstream};
+use crate::tmdb::Query;
+use crate::tmdb::status::code;
+use crate::upstream::{BoxError, BuildError, Dialer};
+use admission::Admission;
 pub use body::ProxyBody;
-use headers::{RateState, X_REQUEST_ID};
-use phases::RequestRules;
-
-/// How often a request may queue again because its token no longer fitted by the time it had a
-/// connection (a slow or saturated upstream); then it is answered 429.
-const MAX_ADMISSION_ATTEMPTS: u32 = 4;
+pub use ctx::RequestCtx;
+use ctx::budget_key;
+use headers::X_REQUEST_ID;
+use settings::Settings;
 
 /// The proxy, cheap to clone: every connection holds one.
 #[derive(Debug, Clone)]
@@ -39,9 +49,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
 struct Shared {
-    limiter: Arc<Limiter>,
+    admission: Admission,
     /// What a reload replaces; read once per request.
     settings: ArcSwap<Settings>,
     metrics: Metrics,
@@ -52,77 +61,18 @@ struct Shared {
     /// Seed and counter for generated request ids.
     id_seed: RandomState,
     id_counter: AtomicU64,
+    /// Reaches the upstream in memory instead of over the network (tests on paused time).
+    dialer: Option<Dialer>,
 }
 
-/// The reloadable part of the proxy.
-#[derive(Debug)]
-struct Settings {
-    upstream: Upstream,
-    /// The configuration `upstream` was built from, to rebuild it only when it changed.
-    upstream_cfg: UpstreamConfig,
-    rules: RequestRules,
-    legacy_headers: bool,
-    default_key: Option<Secret>,
-    /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
-    aliases: HashMap<Key, Arc<str>>,
-}
-
-impl Settings {
-    /// Settings for `cfg`, reusing `current`'s upstream pool when its configuration is unchanged.
-    fn new(
-        cfg: &Config,
-        current: Option<&Settings>,
-        broken_bodies: &Arc<AtomicU64>,
-    ) -> Result<Self, BuildError> {
-        let upstream = match current {
-            Some(current) if current.upstream_cfg.connects_like(&cfg.upstream) => {
-                current.upstream.clone()
-            }
-            _ => Upstream::new(&cfg.upstream, broken_bodies.clone())?,
-        };
-        let default_key = cfg.keys.default_api_key.clone();
-        let rules = RequestRules {
-            upstream: upstream.base().clone(),
-            default_key: default_key
-                .as_ref()
-                .map(|secret| Key::from_credential(secret.expose())),
-            paths: cfg.upstream.paths.clone(),
-            savers: cfg.quota_savers,
-        };
-        let aliases = cfg
-            .keys
-            .aliases
-            .iter()
-            .map(|(alias, secret)| {
-                (
-                    Key::of_configured(secret.expose()),
-                    Arc::from(alias.as_str()),
-                )
-            })
-            .collect();
-        Ok(Self {
-            upstream,
-            upstream_cfg: cfg.upstream.clone(),
-            rules,
-            legacy_headers: cfg.limit.legacy_headers,
-            default_key,
-            aliases,
-        })
-    }
-}
-
-/// The metric outcome of a request the proxy answered itself.
-fn outcome_of(error: &ProxyError) -> Outcome {
-    match error {
-        ProxyError::RateLimited(_) => Outcome::Limited,
-        ProxyError::MissingKey
-        | ProxyError::MethodNotAllowed(_)
-        | ProxyError::ForeignTarget
-        | ProxyError::PathNotAllowed
-        | ProxyError::Refused(_) => Outcome::RejectedInvalid,
-        ProxyError::Upstream(_)
-        | ProxyError::UpstreamStatus { .. }
-        | ProxyError::UpstreamRateLimited(_) => Outcome::UpstreamError,
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("admission", &self.admission)
+            .field("settings", &self.settings)
+            .field("ready", &self.ready)
+            .field("in_memory", &self.dialer.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -138,52 +88,69 @@ impl std::fmt::Display for KeyLabel {
     }
 }
 
-/// What the request log line says about one request.
-struct RequestLog {
-    key: Option<Key>,
-    limited: bool,
-    waited: Duration,
-    upstream_latency: Option<Duration>,
-}
-
 // === impl Proxy ===
 
 impl Proxy {
     /// Builds the proxy and starts the idle-bucket sweeper. Must run inside a tokio runtime.
     pub fn new(cfg: &Config) -> Result<Self, BuildError> {
-        let limiter = Arc::new(Limiter::new(&cfg.limit));
-        Limiter::spawn_sweeper(&limiter, cfg.limit.sweep_interval);
+        Self::build(cfg, None)
+    }
+
+    /// A proxy whose upstream connections are opened by `dialer` instead of the network: tests on
+    /// paused time, against the in-process stand-in (`Sim::dialer`).
+    pub fn in_memory(cfg: &Config, dialer: Dialer) -> Result<Self, BuildError> {
+        Self::build(cfg, Some(dialer))
+    }
+
+    fn build(cfg: &Config, dialer: Option<Dialer>) -> Result<Self, BuildError> {
+        let budget = Arc::new(LocalBudget::new(Policy::new(&cfg.limit, budget_key)));
+        LocalBudget::spawn_sweeper(&budget, cfg.limit.sweep_interval);
         let broken_bodies = Arc::new(AtomicU64::new(0));
-        let settings = Settings::new(cfg, None, &broken_bodies)?;
+        let settings = Settings::new(cfg, None, &broken_bodies, dialer.as_ref())?;
         Ok(Self {
             shared: Arc::new(Shared {
-                limiter,
+                admission: Admission::new(budget),
                 settings: ArcSwap::from_pointee(settings),
                 metrics: Metrics::new(),
                 broken_bodies,
                 ready: AtomicBool::new(true),
                 id_seed: RandomState::new(),
                 id_counter: AtomicU64::new(0),
+                dialer,
             }),
         })
     }
 
     /// Puts a new (already validated) configuration in force without dropping connections:
     /// limits, keys, aliases, paths, quota savers and headers apply to requests from now on;
-    /// buckets keep their state. The upstream pool is rebuilt only if `[upstream]` changed
-    /// (requests in flight finish on the old one). Listen addresses, logging and the sweep
-    /// interval are fixed at start.
+    /// buckets keep their state. The upstream pool is rebuilt only if `[upstream]`'s connection
+    /// settings changed (requests in flight finish on the old one). What needs a restart instead
+    /// is listed by [`Config::restart_required`].
     pub fn reload(&self, cfg: &Config) -> Result<(), BuildError> {
-        let current = self.shared.settings.load_full();
-        let settings = Settings::new(cfg, Some(&current), &self.shared.broken_bodies)?;
-        self.shared.settings.store(Arc::new(settings));
-        self.shared.limiter.set_policy(Policy::new(&cfg.limit));
+        let shared = &*self.shared;
+        let current = shared.settings.load_full();
+        let settings = Settings::new(
+            cfg,
+            Some(&current),
+            &shared.broken_bodies,
+            shared.dialer.as_ref(),
+        )?;
+        shared.settings.store(Arc::new(settings));
+        shared
+            .admission
+            .budget()
+            .set_policy(Policy::new(&cfg.limit, budget_key));
         Ok(())
     }
 
-    /// The limiter, for inspection (tests, metrics).
-    pub fn limiter(&self) -> &Limiter {
-        &self.shared.limiter
+    /// The budget requests are admitted against (tests, metrics).
+    pub fn budget(&self) -> &dyn Budget {
+        self.shared.admission.budget()
+    }
+
+    /// Requests asleep in a key's queue now.
+    pub fn queued(&self) -> usize {
+        self.shared.admission.queued()
     }
 
     /// Upstream response bodies that broke after their headers had been passed on.
@@ -200,8 +167,8 @@ impl Proxy {
     pub fn render_metrics(&self) -> String {
         let shared = &*self.shared;
         shared.metrics.render(
-            shared.limiter.waiting(),
-            shared.limiter.active_keys(),
+            shared.admission.queued(),
+            shared.admission.budget().tracked_keys(),
             shared.broken_bodies.load(Ordering::Relaxed),
         )
     }
@@ -215,7 +182,7 @@ impl Proxy {
     /// `deadline` (those whose turn would come later get 429, code 25).
     pub fn begin_drain(&self, deadline: Instant) {
         self.shared.ready.store(false, Ordering::Relaxed);
-        self.shared.limiter.drain(deadline);
+        self.shared.admission.drain(deadline);
     }
 
     /// Answers one client request. Never fails: every error becomes a TMDB status body. The
@@ -226,216 +193,174 @@ impl Proxy {
         B: Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let id = match req.headers().get(&X_REQUEST_ID) {
-            Some(value) if headers::is_valid_request_id(value) => value.clone(),
-            _ => self.next_request_id(),
-        };
+        let id = self.request_id(req.headers());
         let span = tracing::info_span!("request", id = %id.to_str().unwrap_or_default());
-        let mut response = self.handle_in_span(req, client).instrument(span).await;
-        response.headers_mut().insert(X_REQUEST_ID, id);
-        response
+        let mut ctx = RequestCtx::new(id, req.method(), req.uri().path());
+        async move {
+            let settings = self.shared.settings.load_full();
+            let result = self.process(&settings, req, client, &mut ctx).await;
+            self.finish(&settings, ctx, result)
+        }
+        .instrument(span)
+        .await
     }
 
-    fn next_request_id(&self) -> HeaderValue {
-        let n = self.shared.id_counter.fetch_add(1, Ordering::Relaxed);
-        let id = self.shared.id_seed.hash_one(n);
-        // Sixteen hex digits are always a valid header value.
-        HeaderValue::from_str(&format!("{id:016x}")).unwrap_or(HeaderValue::from_static("0"))
+    /// The client's request id when it is safe to keep, else a new one.
+    fn request_id(&self, headers: &HeaderMap) -> HeaderValue {
+        match headers.get(&X_REQUEST_ID) {
+            Some(value) if headers::is_valid_request_id(value) => value.clone(),
+            _ => {
+                let n = self.shared.id_counter.fetch_add(1, Ordering::Relaxed);
+                let id = self.shared.id_seed.hash_one(n);
+                // Sixteen hex digits are always a valid header value.
+                HeaderValue::from_str(&format!("{id:016x}"))
+                    .unwrap_or(HeaderValue::from_static("0"))
+            }
+        }
     }
 
-    async fn handle_in_span<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
+    /// The phases, in order. Each step that learns something about the request notes it in
+    /// `ctx`; the first that fails ends the request with its error.
+    async fn process<B>(
+        &self,
+        settings: &Settings,
+        req: Request<B>,
+        client: SocketAddr,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let mut outcome = RequestLog {
-            key: None,
-            limited: false,
-            waited: Duration::ZERO,
-            upstream_latency: None,
-        };
-        if headers::is_preflight(req.method(), req.headers()) {
-            // Answered here: a preflight carries no key and must not spend one.
-            let mut response = Response::new(ProxyBody::full(Bytes::new()));
-            *response.status_mut() = StatusCode::NO_CONTENT;
-            headers::preflight_headers(req.headers(), response.headers_mut());
-            tracing::info!(%method, %path, status = 204, "CORS preflight");
-            return response;
+        let (parts, body) = req.into_parts();
+        if headers::is_preflight(&parts.method, &parts.headers) {
+            ctx.preflight = true;
+            return Ok(phases::preflight(&parts.headers));
         }
-        let response = match self.process(req, client, &mut outcome).await {
-            Ok(response) => {
-                // TMDB's own 429 body passes through, but it is still an upstream refusal.
-                if response.status() == StatusCode::TOO_MANY_REQUESTS {
-                    self.record(Outcome::UpstreamError, Some(25), outcome.key);
-                } else {
-                    self.record(Outcome::Forwarded, None, outcome.key);
-                }
-                response
-            }
-            Err((error, rate)) => {
-                self.record(
-                    outcome_of(&error),
-                    Some(error.body().status_code),
-                    outcome.key,
-                );
-                let mut response = error.into_response();
-                if let Some(rate) = rate {
-                    headers::insert_rate_limit(
-                        response.headers_mut(),
-                        rate,
-                        self.shared.settings.load().legacy_headers,
-                    );
-                }
+        // request_filter: never forwarded, whose budget, what TMDB would refuse. The query is
+        // split once, here, and read by every step that needs it.
+        let (identity, target) = {
+            let query = Query::parse(parts.uri.query());
+            phases::check_target(&parts, &settings.rules)?;
+            let identity = phases::identify(&parts.headers, &query, settings.rules.default_key)?;
+            ctx.key = Some(identity.key);
+            phases::check_query(&query, settings.rules.savers)?;
+            let default_key = settings.default_key.as_ref();
+            let target = phases::upstream_target(&parts.uri, &query, identity, default_key);
+            (identity, target)
+        };
+        let upstream_req =
+            phases::upstream_request(parts, body, target, &settings.rules.upstream, client.ip())?;
+        let admission = &self.shared.admission;
+        let lease = admission
+            .admit(identity.key, settings.max_wait, &settings.upstream, ctx)
+            .await?;
+
+        let deadline = settings.upstream.deadline();
+        let sent = Instant::now();
+        let result = settings.upstream.send(lease, upstream_req, deadline).await;
+        ctx.upstream_latency = Some(sent.elapsed());
+        let response = result?;
+        ctx.upstream_answered = true;
+        let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            let wait = headers::upstream_retry_after(response.headers());
+            admission.upstream_refused(identity.key, wait, ctx)
+        });
+        phases::response_filter(response, upstream_429, deadline).await
+    }
+
+    /// The one exit: every request's answer gets its headers, metric and log line here.
+    fn finish(
+        &self,
+        settings: &Settings,
+        ctx: RequestCtx,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Response<ProxyBody> {
+        let (outcome, tmdb_code) = classify(&ctx, &result);
+        let limited =
+            ctx.upstream_429.is_some() || matches!(result, Err(ProxyError::RateLimited(_)));
+        let mut response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                let (method, path) = (&ctx.method, &ctx.path);
                 match &error {
                     ProxyError::Upstream(_) => {
-                        tracing::warn!(%method, %path, error = %error, "upstream request failed");
+                        tracing::warn!(%method, %path, %error, "upstream request failed");
                     }
                     ProxyError::RateLimited(_) => {}
-                    _ => tracing::debug!(%method, %path, error = %error, "request refused"),
+                    _ => tracing::debug!(%method, %path, %error, "request refused"),
                 }
-                response
+                error.to_response().map(ProxyBody::full)
             }
         };
-        let mut response = response;
-        headers::insert_cors(response.headers_mut());
+        let status = response.status();
+        // Every keyed answer carries the key's standing, refused requests included.
+        let rate = ctx.key.map(|key| {
+            ctx.rate
+                .unwrap_or_else(|| self.shared.admission.standing(key))
+        });
+        let out = response.headers_mut();
+        if let Some(rate) = rate {
+            headers::insert_rate_limit(out, rate, settings.legacy_headers);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            headers::ensure_retry_after(out, rate.map(|r| r.reset_after).unwrap_or_default());
+        }
+        headers::insert_cors(out);
+        out.insert(X_REQUEST_ID, ctx.id.clone());
+
+        let metrics = &self.shared.metrics;
+        metrics.record_request(outcome, tmdb_code, settings.alias(ctx.key));
+        if ctx.upstream_429.is_some() {
+            metrics.record_upstream_429();
+        }
+        if let (true, Some(latency)) = (ctx.upstream_answered, ctx.upstream_latency) {
+            metrics.record_upstream_latency(latency);
+        }
         tracing::info!(
-            %method,
-            %path,
-            status = response.status().as_u16(),
-            key = %KeyLabel(outcome.key),
-            limited = outcome.limited,
-            waited_ms = outcome.waited.as_millis() as u64,
-            upstream_ms = outcome.upstream_latency.map(|d| d.as_millis() as u64),
-            total_ms = started.elapsed().as_millis() as u64,
+            method = %ctx.method,
+            path = %ctx.path,
+            status = status.as_u16(),
+            key = %KeyLabel(ctx.key),
+            limited,
+            waited_ms = ctx.waited.as_millis() as u64,
+            upstream_ms = ctx.upstream_latency.map(|d| d.as_millis() as u64),
+            total_ms = ctx.started.elapsed().as_millis() as u64,
             "request"
         );
         response
     }
+}
 
-    fn record(&self, outcome: Outcome, code: Option<u16>, key: Option<Key>) {
-        let settings = self.shared.settings.load();
-        let alias = key.and_then(|k| settings.aliases.get(&k)).map(|a| &**a);
-        self.shared.metrics.record_request(outcome, code, alias);
-    }
-
-    async fn process<B>(
-        &self,
-        req: Request<B>,
-        client: SocketAddr,
-        outcome: &mut RequestLog,
-    ) -> Result<Response<ProxyBody>, (ProxyError, Option<RateState>)>
-    where
-        B: Body<Data = Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let shared = &*self.shared;
-        let settings = shared.settings.load_full();
-        let (parts, body) = req.into_parts();
-        let identity = phases::request_filter(&parts, &settings.rules).map_err(|e| {
-            // A keyed request refused before spending anything still reports its key's state.
-            let rate = match &e {
-                ProxyError::Refused(_) => phases::identify(&parts, &settings.rules).map(|id| {
-                    let (limit, remaining, reset_after) = shared.limiter.peek(id.key);
-                    RateState {
-                        limit,
-                        remaining,
-                        reset_after,
-                    }
-                }),
-                _ => None,
-            };
-            (e, rate)
-        })?;
-        outcome.key = Some(identity.key);
-
-        let rejected = |outcome: &mut RequestLog, rejection: Rejection| {
-            outcome.limited = true;
-            let rate = RateState {
-                limit: rejection.limit,
-                remaining: 0,
-                reset_after: rejection.retry_after,
-            };
-            (ProxyError::RateLimited(rejection), Some(rate))
-        };
-        // Token first (queueing if need be), then a ready connection, then confirm the token's
-        // stamp: the stamp must be the moment the request leaves, not when it began to wait. A
-        // stamp that no longer fits means queueing again, without holding the connection.
-        let admitted_rate = |a: Admission| RateState {
-            limit: a.limit,
-            remaining: a.remaining,
-            reset_after: a.reset_after,
-        };
-        let queued_since = Instant::now();
-        let mut attempt = 0;
-        let (admission, lease) = loop {
-            attempt += 1;
-            let ticket = match shared
-                .limiter
-                .acquire(identity.key, queued_since.elapsed())
-                .await
-            {
-                Ok(ticket) => ticket,
-                Err(rejection) => return Err(rejected(outcome, rejection)),
-            };
-            let lease = settings
-                .upstream
-                .checkout(settings.upstream.deadline())
-                .await
-                .map_err(|e| (ProxyError::from(e), Some(admitted_rate(ticket.admission()))))?;
-            match ticket.confirm() {
-                Ok(admission) => break (admission, lease),
-                Err(rejection) if attempt >= MAX_ADMISSION_ATTEMPTS => {
-                    return Err(rejected(outcome, rejection));
+/// What happened to a request, as the metric labels it, and the TMDB code its client got (none
+/// when the upstream's own answer passed through).
+fn classify(
+    ctx: &RequestCtx,
+    result: &Result<Response<ProxyBody>, ProxyError>,
+) -> (Outcome, Option<u16>) {
+    match result {
+        Ok(_) if ctx.preflight => (Outcome::Preflight, None),
+        // TMDB's own 429 body passes through, but it is still an upstream refusal.
+        Ok(_) if ctx.upstream_429.is_some() => (Outcome::UpstreamError, Some(code::RATE_LIMITED)),
+        Ok(_) => (Outcome::Forwarded, None),
+        Err(error) => {
+            let outcome = match error {
+                ProxyError::RateLimited(refusal)
+                    if refusal.reason == Reason::UpstreamRateLimited =>
+                {
+                    Outcome::UpstreamError
                 }
-                Err(_) => drop(lease),
-            }
-        };
-        outcome.waited = admission.waited;
-        let rate = admitted_rate(admission);
-        let deadline = settings.upstream.deadline();
-
-        let upstream_req = phases::upstream_request(
-            parts,
-            body,
-            identity,
-            &settings.rules.upstream,
-            settings.default_key.as_ref(),
-            client.ip(),
-        )
-        .map_err(|e| (e, Some(rate)))?;
-        let sent = Instant::now();
-        let result = settings.upstream.send(lease, upstream_req, deadline).await;
-        outcome.upstream_latency = Some(sent.elapsed());
-        if result.is_ok() {
-            shared.metrics.record_upstream_latency(sent.elapsed());
+                ProxyError::RateLimited(_) => Outcome::Limited,
+                ProxyError::MissingKey
+                | ProxyError::MethodNotAllowed(_)
+                | ProxyError::ForeignTarget
+                | ProxyError::PathNotAllowed
+                | ProxyError::Refused(_) => Outcome::RejectedInvalid,
+                ProxyError::Upstream(_) | ProxyError::UpstreamStatus { .. } => {
+                    Outcome::UpstreamError
+                }
+            };
+            (outcome, Some(error.body().status_code))
         }
-        let response = result.map_err(|e| (ProxyError::from(e), Some(rate)))?;
-
-        // An upstream 429 means the budget was wrong (another consumer, a tighter limit): hold
-        // the key back for as long as the upstream asked instead of hammering it.
-        let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS)
-            .then(|| phases::upstream_retry_after(response.headers()));
-        let mut rate = rate;
-        if let Some(wait) = upstream_429 {
-            shared.metrics.record_upstream_429();
-            outcome.limited = true;
-            rate.remaining = 0;
-            rate.reset_after = wait;
-            if shared.limiter.pause(identity.key, wait) {
-                tracing::warn!(
-                    key = %identity.key.fingerprint(),
-                    pause = ?wait,
-                    "upstream answered 429; pausing this key"
-                );
-            }
-        }
-        let mut response = phases::response_filter(response, rate, upstream_429, deadline)
-            .await
-            .map_err(|e| (e, Some(rate)))?;
-        headers::insert_rate_limit(response.headers_mut(), rate, settings.legacy_headers);
-        Ok(response)
     }
 }

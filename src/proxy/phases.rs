@@ -1,37 +1,38 @@
-//! The proxy's phases, in order: `request_filter` (refuse, identify, limit) →
-//! `upstream_request` (rewrite for the upstream) → `response_filter` (clean and annotate).
+//! The proxy's phases, in order: `request_filter` (what is never forwarded, whose budget, what
+//! TMDB would refuse) → `upstream_request` (rewrite for the upstream) → `response_filter` (clean
+//! the answer, translate what is not TMDB's).
 //!
-//! Each phase is a plain function of its inputs so it can be read and tested on its own.
+//! Each phase is a plain function of its inputs so it can be read and tested on its own; the
+//! order, the admission step between them, and the exit are `Proxy::process` and
+//! `Proxy::finish`.
 
 use std::net::IpAddr;
 
 use bytes::Bytes;
-use std::time::{Duration, SystemTime};
-
-use http::header::{
-    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST, HeaderValue, RETRY_AFTER,
-};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
-use super::headers::{RateState, X_FORWARDED_FOR, retry_after_secs, strip_hop_by_hop};
+use super::ctx::{Identity, Source};
+use super::headers::{self, X_FORWARDED_FOR, strip_hop_by_hop};
 use crate::config::{QuotaSavers, Secret};
 use crate::error::ProxyError;
-use crate::limiter::{Identity, Key, Rejection, Source, key};
-use crate::tmdb::{API_KEY_PARAM, rules, status};
-use crate::upstream::{BoxError, LeasedBody, UpstreamBody, UpstreamError};
+use crate::limiter::{Key, Refusal};
+use crate::tmdb::auth::{self, API_KEY_PARAM, Credential};
+use crate::tmdb::{Query, rules, status};
+use crate::upstream::{BoxError, LeasedBody, UpstreamBody};
 
 /// What a request is checked against before it may spend a token.
 #[derive(Debug, Clone)]
 pub struct RequestRules {
     /// The upstream's scheme and authority.
     pub upstream: Uri,
-    /// Hash of the default key, if one is configured.
+    /// The key of the default key, if one is configured.
     pub default_key: Option<Key>,
     /// Path prefixes forwarded (empty: all).
     pub paths: Vec<String>,
@@ -39,9 +40,19 @@ pub struct RequestRules {
     pub savers: QuotaSavers,
 }
 
-/// Refuses what is never forwarded, identifies the request's key, and refuses locally what TMDB
-/// is documented to refuse. Nothing here spends a token.
-pub fn request_filter(parts: &Parts, rules: &RequestRules) -> Result<Identity, ProxyError> {
+/// The answer to a CORS preflight, given without a key, a token or an upstream request.
+pub fn preflight(request: &HeaderMap) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    headers::preflight_headers(request, response.headers_mut());
+    response
+}
+
+// === request_filter ===
+
+/// Refuses what is never forwarded: `CONNECT`, a target naming another host, a path outside the
+/// API. Nothing here spends a token.
+pub fn check_target(parts: &Parts, rules: &RequestRules) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed(parts.method.clone()));
     }
@@ -57,59 +68,95 @@ pub fn request_filter(parts: &Parts, rules: &RequestRules) -> Result<Identity, P
     if !rules::path_allowed(parts.uri.path(), &rules.paths) {
         return Err(ProxyError::PathNotAllowed);
     }
-    let identity = identify(parts, rules).ok_or(ProxyError::MissingKey)?;
-    // Two different keys in one query: the proxy would bucket one while the upstream might honour
-    // the other, a way around the limit.
-    if parts.uri.query().is_some_and(key::has_conflicting_api_keys) {
+    Ok(())
+}
+
+/// Whose budget the request spends: its own credential's account, else the default key's; 401
+/// code 7 without either.
+pub fn identify(
+    headers: &HeaderMap,
+    query: &Query<'_>,
+    default_key: Option<Key>,
+) -> Result<Identity, ProxyError> {
+    match auth::credential(query, headers) {
+        Some(credential) => Ok(Identity {
+            key: Key::of(&credential.account()),
+            source: match credential {
+                Credential::ApiKey(_) => Source::Query,
+                Credential::Bearer(_) => Source::Bearer,
+            },
+        }),
+        None => default_key
+            .map(|key| Identity {
+                key,
+                source: Source::Default,
+            })
+            .ok_or(ProxyError::MissingKey),
+    }
+}
+
+/// Refuses locally what TMDB is documented to refuse, so it spends neither a token nor an
+/// upstream request; and two different keys in one query (the proxy would bucket one while the
+/// upstream might honour the other, a way around the limit).
+pub fn check_query(query: &Query<'_>, savers: QuotaSavers) -> Result<(), ProxyError> {
+    if auth::has_conflicting_api_keys(query) {
         return Err(ProxyError::Refused(status::code::INVALID_INPUT));
     }
-    if let Some(code) = parts
-        .uri
-        .query()
-        .and_then(|q| rules::refused_query(q, rules.savers))
-    {
-        return Err(ProxyError::Refused(code));
+    match rules::refused_query(query, savers) {
+        Some(code) => Err(ProxyError::Refused(code)),
+        None => Ok(()),
     }
-    Ok(identity)
 }
 
-/// The request's key, if it has one (see [`key::identify`]).
-pub fn identify(parts: &Parts, rules: &RequestRules) -> Option<Identity> {
-    key::identify(parts.uri.query(), &parts.headers, rules.default_key)
+// === upstream_request ===
+
+/// The path and query to send upstream: the client's, byte for byte, unless the request spends
+/// the default key, which is then added as `api_key` (replacing any empty `api_key` pair).
+pub fn upstream_target(
+    uri: &Uri,
+    query: &Query<'_>,
+    identity: Identity,
+    default_key: Option<&Secret>,
+) -> Option<PathAndQuery> {
+    let (Source::Default, Some(secret)) = (identity.source, default_key) else {
+        return uri.path_and_query().cloned();
+    };
+    let mut pq = String::with_capacity(uri.path().len() + uri.query().map_or(0, str::len) + 48);
+    pq.push_str(uri.path());
+    pq.push('?');
+    for raw in query.raw_without(API_KEY_PARAM) {
+        pq.push_str(raw);
+        pq.push('&');
+    }
+    pq.push_str(API_KEY_PARAM);
+    pq.push('=');
+    pq.extend(form_urlencoded::byte_serialize(secret.expose().as_bytes()));
+    PathAndQuery::try_from(pq).ok()
 }
 
-/// Builds the upstream request: the upstream's URI and `Host`, no hop-by-hop headers, the
-/// client's address appended to `X-Forwarded-For`, the default key injected when the request had
-/// none, HTTP/1.1 whatever the client spoke. The body streams through untouched.
+/// Builds the upstream request: the upstream's URI and `Host`, `target` as path and query, no
+/// hop-by-hop headers, the client's address appended to `X-Forwarded-For`, HTTP/1.1 whatever the
+/// client spoke. The body streams through untouched.
 pub fn upstream_request<B>(
     mut parts: Parts,
     body: B,
-    identity: Identity,
+    target: Option<PathAndQuery>,
     upstream: &Uri,
-    default_key: Option<&Secret>,
     client_ip: IpAddr,
 ) -> Result<Request<UpstreamBody>, ProxyError>
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    let path_and_query = match (identity.source, default_key) {
-        (Source::Default, Some(secret)) => with_api_key(&parts.uri, secret.expose()),
-        _ => parts.uri.path_and_query().cloned(),
-    };
-    let mut uri = Uri::builder()
+    let uri = Uri::builder()
         .scheme(upstream.scheme().cloned().unwrap_or(Scheme::HTTPS))
         .authority(
             upstream
                 .authority()
                 .cloned()
                 .unwrap_or_else(|| Authority::from_static("localhost")),
-        );
-    if let Some(pq) = path_and_query {
-        uri = uri.path_and_query(pq);
-    } else {
-        uri = uri.path_and_query("/");
-    }
+        )
+        .path_and_query(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
     parts.uri = uri.build().map_err(|_| ProxyError::ForeignTarget)?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
@@ -122,25 +169,6 @@ where
     append_forwarded_for(&mut parts.headers, client_ip);
     let body = body.map_err(Into::into).boxed();
     Ok(Request::from_parts(parts, body))
-}
-
-/// The client's path and query with any `api_key` pair replaced by `key`.
-fn with_api_key(uri: &Uri, key: &str) -> Option<PathAndQuery> {
-    let mut pq = String::with_capacity(uri.path().len() + uri.query().map_or(0, str::len) + 48);
-    pq.push_str(uri.path());
-    pq.push('?');
-    for pair in uri.query().unwrap_or_default().split('&') {
-        let name = pair.split('=').next().unwrap_or_default();
-        if pair.is_empty() || name == API_KEY_PARAM {
-            continue;
-        }
-        pq.push_str(pair);
-        pq.push('&');
-    }
-    pq.push_str(API_KEY_PARAM);
-    pq.push('=');
-    pq.extend(form_urlencoded::byte_serialize(key.as_bytes()));
-    PathAndQuery::try_from(pq).ok()
 }
 
 /// Keeps only the content codings the proxy can read (gzip, deflate, identity) in
@@ -184,44 +212,21 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, client_ip: IpAddr) {
     }
 }
 
+// === response_filter ===
+
 /// Most bytes of an upstream error body read to decide whether it is TMDB's. TMDB's own are a
 /// few hundred bytes; anything longer is an error page.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-/// Longest pause an upstream 429 may impose on a key, whatever its `Retry-After` says.
-pub const MAX_UPSTREAM_PAUSE: Duration = Duration::from_secs(60);
 
-/// How long the upstream asked to wait after a 429: `Retry-After` in seconds or as an HTTP date,
-/// else one second; at most [`MAX_UPSTREAM_PAUSE`].
-pub fn upstream_retry_after(headers: &http::HeaderMap) -> Duration {
-    let value = headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    let wait = match value {
-        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => v
-            .parse()
-            .map(Duration::from_secs)
-            .unwrap_or(MAX_UPSTREAM_PAUSE),
-        Some(v) => httpdate::parse_http_date(v)
-            .ok()
-            .and_then(|at| at.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::from_secs(1)),
-        None => Duration::from_secs(1),
-    };
-    wait.clamp(Duration::from_secs(1), MAX_UPSTREAM_PAUSE)
-}
-
-/// Cleans the upstream response for the client and adds the key's rate-limit fields.
+/// Cleans the upstream response for the client.
 ///
 /// Success and redirect responses stream through untouched (compressed bodies included). For an
-/// error status the body is read (up to 64 KiB): a TMDB JSON body passes through byte for byte;
-/// anything else becomes TMDB's body for the matching code, with a status the client can act on.
-/// `upstream_429` carries the pause the upstream asked for when it answered 429, and `rate` the
-/// key's state for the 429 body.
+/// error status the body is read (up to 64 KiB, by `deadline`): a TMDB JSON body passes through
+/// byte for byte; anything else becomes TMDB's body for the matching code, with a status the
+/// client can act on. `upstream_429` is the refusal to show for a 429 whose body is not TMDB's.
 pub async fn response_filter(
     response: Response<LeasedBody>,
-    rate: RateState,
-    upstream_429: Option<Duration>,
+    upstream_429: Option<Refusal>,
     deadline: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = response.into_parts();
@@ -229,16 +234,7 @@ pub async fn response_filter(
     if parts.status.as_u16() < 400 {
         return Ok(Response::from_parts(parts, ProxyBody::from(body)));
     }
-    let read =
-        tokio::time::timeout_at(deadline, Limited::new(body, MAX_ERROR_BODY).collect()).await;
-    let bytes = match read {
-        Err(_) => return Err(UpstreamError::BodyTimeout.into()),
-        Ok(Ok(collected)) => Some(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => None,
-        Ok(Err(error)) => {
-            return Err(UpstreamError::Failed(format!("error body broke: {error}")).into());
-        }
-    };
+    let bytes = body.read_bounded(MAX_ERROR_BODY, deadline).await?;
     // Whether the body is TMDB's, and if not, the code it maps to.
     let (is_tmdb, code) = {
         let inspectable = bytes.as_ref().and_then(|b| decoded(&parts.headers, b));
@@ -256,30 +252,14 @@ pub async fn response_filter(
         parts
             .headers
             .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        if let Some(wait) = upstream_429 {
-            parts
-                .headers
-                .entry(RETRY_AFTER)
-                .or_insert_with(|| HeaderValue::from(retry_after_secs(wait)));
-        }
         return Ok(Response::from_parts(parts, ProxyBody::full(bytes)));
     }
-    if let Some(wait) = upstream_429 {
-        let limit = rate.limit;
-        let count = limit
-            .saturating_sub(rate.remaining)
-            .max(limit)
-            .saturating_add(1);
-        return Err(ProxyError::UpstreamRateLimited(Rejection {
-            limit,
-            count,
-            retry_after: wait,
-        }));
+    if let Some(refusal) = upstream_429 {
+        return Err(ProxyError::RateLimited(refusal));
     }
-    let code = code.unwrap_or(status::code::INTERNAL_ERROR);
     Err(ProxyError::UpstreamStatus {
         status: parts.status,
-        code,
+        code: code.unwrap_or(status::code::INTERNAL_ERROR),
     })
 }
 
@@ -338,42 +318,49 @@ mod tests {
         }
     }
 
+    /// The request filter's three steps, in the order `Proxy::process` runs them.
+    fn request_filter(target: &str) -> Result<Identity, ProxyError> {
+        let parts = parts(Request::get(target).body(()).unwrap());
+        let query = Query::parse(parts.uri.query());
+        check_target(&parts, &rules())?;
+        let identity = identify(&parts.headers, &query, None)?;
+        check_query(&query, QuotaSavers::ALL)?;
+        Ok(identity)
+    }
+
     #[test]
     fn connect_and_foreign_targets_are_refused() {
         let connect = parts(Request::connect("api.themoviedb.org:443").body(()).unwrap());
         assert!(matches!(
-            request_filter(&connect, &rules()),
+            check_target(&connect, &rules()),
             Err(ProxyError::MethodNotAllowed(_))
         ));
-        let foreign = parts(
-            Request::get("http://evil.example/3/movie/1?api_key=k")
-                .body(())
-                .unwrap(),
-        );
         assert!(matches!(
-            request_filter(&foreign, &rules()),
+            request_filter("http://evil.example/3/movie/1?api_key=k"),
             Err(ProxyError::ForeignTarget)
         ));
-        let origin = parts(Request::get("/3/movie/1?api_key=k").body(()).unwrap());
-        assert!(request_filter(&origin, &rules()).is_ok());
-        let outside = parts(Request::get("/admin?api_key=k").body(()).unwrap());
-        assert!(matches!(
-            request_filter(&outside, &rules()),
-            Err(ProxyError::PathNotAllowed)
-        ));
-        let bad_page = parts(
-            Request::get("/3/discover/movie?api_key=k&page=0")
-                .body(())
-                .unwrap(),
+        assert_eq!(
+            request_filter("/3/movie/1?api_key=k").unwrap(),
+            Identity {
+                key: Key::of("k"),
+                source: Source::Query
+            }
         );
         assert!(matches!(
-            request_filter(&bad_page, &rules()),
+            request_filter("/admin?api_key=k"),
+            Err(ProxyError::PathNotAllowed)
+        ));
+        assert!(matches!(
+            request_filter("/3/discover/movie?api_key=k&page=0"),
             Err(ProxyError::Refused(22))
         ));
-        // No key outranks a bad page: 401 first, as TMDB does.
-        let no_key = parts(Request::get("/3/discover/movie?page=0").body(()).unwrap());
         assert!(matches!(
-            request_filter(&no_key, &rules()),
+            request_filter("/3/movie/1?api_key=A&api_key=B"),
+            Err(ProxyError::Refused(47))
+        ));
+        // No key outranks a bad page: 401 first, as TMDB does.
+        assert!(matches!(
+            request_filter("/3/discover/movie?page=0"),
             Err(ProxyError::MissingKey)
         ));
     }
@@ -385,16 +372,16 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let identity = Identity {
-            key: Key::from_credential("D"),
-            source: Source::Default,
-        };
+        let query = Query::parse(p.uri.query());
+        let identity = identify(&p.headers, &query, Some(Key::of("D+1"))).unwrap();
+        assert_eq!(identity.source, Source::Default);
+        let target = upstream_target(&p.uri, &query, identity, Some(&Secret::new("D+1")));
+        drop(query);
         let req = upstream_request(
             p,
             Empty::<Bytes>::new(),
-            identity,
+            target,
             &upstream(),
-            Some(&Secret::new("D+1")),
             "10.0.0.1".parse().unwrap(),
         )
         .unwrap();
@@ -415,16 +402,16 @@ mod tests {
                 .body(())
                 .unwrap();
         *req.version_mut() = Version::HTTP_2;
-        let identity = Identity {
-            key: Key::from_credential("K"),
-            source: Source::Query,
-        };
+        let parts = parts(req);
+        let query = Query::parse(parts.uri.query());
+        let identity = identify(&parts.headers, &query, None).unwrap();
+        let target = upstream_target(&parts.uri, &query, identity, Some(&Secret::new("D")));
+        drop(query);
         let up = upstream_request(
-            parts(req),
+            parts,
             Empty::<Bytes>::new(),
-            identity,
+            target,
             &upstream(),
-            None,
             "::1".parse().unwrap(),
         )
         .unwrap();

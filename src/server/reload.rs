@@ -77,28 +77,11 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config, reason: &
         tracing::error!(%reason, %error, "configuration reload refused; keeping the running configuration");
         return;
     }
-    let fixed = [
-        (
-            "server (listen, tls, max_connections, timeouts)",
-            cfg.server != running.server,
-        ),
-        ("admin.listen", cfg.admin.listen != running.admin.listen),
-        (
-            "log",
-            cfg.log.level != running.log.level || cfg.log.format != running.log.format,
-        ),
-        (
-            "limit.sweep_interval",
-            cfg.limit.sweep_interval != running.limit.sweep_interval,
-        ),
-    ];
-    for (key, changed) in fixed {
-        if changed {
-            tracing::warn!(
-                key,
-                "changed in the file, but takes effect only after a restart"
-            );
-        }
+    for key in cfg.restart_required(running) {
+        tracing::warn!(
+            key,
+            "changed in the file, but takes effect only after a restart"
+        );
     }
     tracing::info!(
         %reason,

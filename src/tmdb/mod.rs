@@ -1,15 +1,12 @@
-//! TMDB facts: how a request names its API key, and TMDB's status codes.
+//! TMDB facts: its auth scheme, its rules, its status codes, and the query view they read.
 //!
 //! Pure data and rewrite rules, no sockets. Anything TMDB-specific that other modules need
-//! (parameter names, the auth scheme, status bodies) is defined here once.
+//! (parameter names, the auth scheme, status bodies, documented refusals) is defined here once.
 
+pub mod auth;
+pub mod query;
 pub mod rules;
 pub mod status;
 
+pub use query::Query;
 pub use status::{ErrorBody, Status};
-
-/// Query parameter carrying a v3 API key.
-pub const API_KEY_PARAM: &str = "api_key";
-
-/// Scheme of a v4 read access token in `Authorization`.
-pub const BEARER_PREFIX: &str = "Bearer ";

@@ -1,11 +1,12 @@
 //! The upstream side: a pool of keep-alive HTTP/1.1 connections to the configured base URL, over
 //! rustls (ring provider) when it is `https`.
 //!
-//! This is the only module that opens upstream connections or builds a TLS configuration. It knows
-//! nothing about limits or TMDB. The proxy first takes a ready connection ([`Upstream::checkout`]),
-//! then its rate token, then sends ([`Upstream::send`]), so a token is spent at the moment the
-//! request leaves.
+//! This is the only module that opens upstream connections or builds the upstream's TLS
+//! configuration. It knows nothing about limits or TMDB. The admission step takes a request's
+//! rate token first, then a ready connection here ([`Upstream::checkout`]), then confirms the
+//! token and sends ([`Upstream::send`]), so a token counts from the moment its request leaves.
 
+mod connect;
 mod pool;
 
 use std::sync::Arc;
@@ -15,12 +16,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
-use hyper_util::client::legacy::connect::HttpConnector;
-use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::time::Instant;
 
+use connect::Connector;
+pub use connect::Dialer;
 pub use pool::{Lease, LeasedBody};
 use pool::{Pool, chain};
 
@@ -75,23 +74,31 @@ pub struct Upstream {
 // === impl Upstream ===
 
 impl Upstream {
-    /// Builds the client. Must run inside a tokio runtime.
-    /// Builds the client. `broken_bodies` counts response bodies that break mid-stream.
+    /// The client for `cfg`, over the network. `broken_bodies` counts response bodies that break
+    /// mid-stream. Must run inside a tokio runtime.
     pub fn new(cfg: &UpstreamConfig, broken_bodies: Arc<AtomicU64>) -> Result<Self, BuildError> {
-        let tls = tls_config(cfg)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        Ok(Self::with_connector(
+            cfg,
+            Connector::network(cfg)?,
+            broken_bodies,
+        ))
+    }
+
+    /// The client for `cfg`, reaching the upstream through `dial` instead of the network (tests
+    /// on paused time, against the in-process stand-in).
+    pub fn in_memory(cfg: &UpstreamConfig, dial: Dialer, broken_bodies: Arc<AtomicU64>) -> Self {
+        Self::with_connector(cfg, Connector::Memory(dial), broken_bodies)
+    }
+
+    fn with_connector(
+        cfg: &UpstreamConfig,
+        connector: Connector,
+        broken_bodies: Arc<AtomicU64>,
+    ) -> Self {
         let max = usize::try_from(cfg.max_connections.get()).unwrap_or(usize::MAX);
-        Ok(Self {
+        Self {
             pool: Pool::new(
-                https,
+                connector,
                 cfg.base_url.clone(),
                 max,
                 cfg.connect_timeout,
@@ -100,7 +107,7 @@ impl Upstream {
             ),
             base: cfg.base_url.clone(),
             request_timeout: cfg.request_timeout,
-        })
+        }
     }
 
     /// The upstream's scheme and authority.
@@ -133,33 +140,4 @@ impl Upstream {
             .await
             .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
     }
-}
-
-/// rustls with the ring provider, trusting webpki roots, the system's roots, and `ca_file`.
-fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, BuildError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-    tracing::debug!(system_roots = added, "loaded trust roots");
-    if let Some(path) = &cfg.ca_file {
-        let ca_error = |message: String| BuildError::CaFile {
-            path: path.display().to_string(),
-            message,
-        };
-        let mut count = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(e.to_string()))? {
-            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
-            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(ca_error("holds no PEM certificate".to_owned()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }

@@ -3,9 +3,9 @@
 //! Written here rather than taken from hyper-util's client because the rate guarantee needs two
 //! things that pool does not give: a hard cap on open connections (TMDB's edge allows about 20 per
 //! client IP; hyper-util opens a new connection whenever no idle one is ready), and a connection
-//! that is *ready before* the request takes its rate token, so the time a token is stamped is the
-//! time the request goes on the wire, not the time it starts waiting for a connection or a TLS
-//! handshake.
+//! in hand that is *ready* before the request's token is confirmed, so the time a token is stamped
+//! is the time the request goes on the wire, not the time it started waiting for a connection or a
+//! TLS handshake (see `proxy::admission`).
 //!
 //! Invariant: a [`Lease`] holds one of `max_connections` permits; only a lease creates a
 //! connection, and only when no idle one is usable, so busy + idle connections never exceed the cap.
@@ -19,14 +19,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tower_service::Service;
 
+use super::connect::Connector;
 use super::{UpstreamBody, UpstreamError};
 
 /// How long a pooled connection may take to become ready again after its last response.
@@ -40,7 +39,7 @@ struct Idle {
 }
 
 pub(super) struct Inner {
-    connector: HttpsConnector<HttpConnector>,
+    connector: Connector,
     target: Uri,
     idle: Mutex<Vec<Idle>>,
     leases: Arc<Semaphore>,
@@ -72,7 +71,7 @@ fn lock(idle: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
 
 impl Pool {
     pub(super) fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: Connector,
         target: Uri,
         max_connections: usize,
         connect_timeout: Duration,
@@ -128,16 +127,8 @@ impl Inner {
 
     /// TCP connect, TLS handshake (for https) and HTTP/1 handshake, within `connect_timeout`.
     async fn connect(&self) -> Result<Sender, UpstreamError> {
-        let mut connector = self.connector.clone();
-        let target = self.target.clone();
-        let connect = async move {
-            std::future::poll_fn(|cx| connector.poll_ready(cx))
-                .await
-                .map_err(|e| UpstreamError::Failed(chain(&*e)))?;
-            let io = connector
-                .call(target)
-                .await
-                .map_err(|e| UpstreamError::Failed(chain(&*e)))?;
+        let connect = async {
+            let io = self.connector.open(&self.target).await?;
             let (sender, conn) = http1::Builder::new()
                 .handshake::<_, UpstreamBody>(io)
                 .await
@@ -295,6 +286,26 @@ pub struct LeasedBody {
 impl std::fmt::Debug for LeasedBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeasedBody").finish()
+    }
+}
+
+impl LeasedBody {
+    /// Reads the whole body if it is at most `limit` bytes and arrives by `deadline` (an error
+    /// body, to be inspected). `Ok(None)`: it is longer. The connection is released either way.
+    pub async fn read_bounded(
+        self,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        match tokio::time::timeout_at(deadline, Limited::new(self, limit).collect()).await {
+            Err(_) => Err(UpstreamError::BodyTimeout),
+            Ok(Ok(collected)) => Ok(Some(collected.to_bytes())),
+            Ok(Err(error)) if error.is::<LengthLimitError>() => Ok(None),
+            Ok(Err(error)) => Err(UpstreamError::Failed(format!(
+                "error body broke: {}",
+                chain(&*error)
+            ))),
+        }
     }
 }
 

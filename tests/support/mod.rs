@@ -1,4 +1,5 @@
-//! Shared helpers: start the proxy and a TMDB stand-in on 127.0.0.1:0, and talk HTTP to them.
+//! Shared helpers: start the proxy and a TMDB stand-in on 127.0.0.1:0 and talk HTTP to them, or
+//! call the proxy in-process ([`InProcess`]) for tests on paused time.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -12,7 +13,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tmdb_proxy::sim::{Sim, SimConfig};
+use tmdb_proxy::server::Server;
+use tmdb_proxy::sim::{Sim, SimBuilder};
 use tmdb_proxy::{Config, Proxy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -50,29 +52,31 @@ impl Drop for Running {
     }
 }
 
-/// Parses `toml` (with `base_url` pointed at `upstream`) and starts the proxy on 127.0.0.1:0.
-pub async fn spawn_proxy(toml: &str, upstream: &str) -> Running {
+/// Parses `toml` with `base_url` pointed at `upstream` (environment overrides injected, never
+/// read from the process).
+pub fn config(toml: &str, upstream: &str) -> Config {
     let mut env = HashMap::new();
     env.insert(
         "TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(),
         upstream.to_owned(),
     );
-    let cfg = Config::from_toml_with_env(toml, Some(env)).expect("test config is valid");
-    spawn_with(cfg).await
+    Config::from_toml_with_env(toml, Some(env)).expect("test config is valid")
+}
+
+/// Parses `toml` (with `base_url` pointed at `upstream`) and starts the proxy on 127.0.0.1:0.
+pub async fn spawn_proxy(toml: &str, upstream: &str) -> Running {
+    spawn_with(config(toml, upstream)).await
 }
 
 pub async fn spawn_with(cfg: Config) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let proxy = Proxy::new(&cfg).expect("proxy builds");
+    let server = Server::new(&cfg.server).expect("server builds");
     let (stop, stopped) = oneshot::channel::<()>();
-    let server_proxy = proxy.clone();
-    let task = tokio::spawn(async move {
-        tmdb_proxy::server::run(listener, server_proxy, &cfg.server, async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
+    let task = tokio::spawn(server.run(listener, proxy.clone(), async {
+        let _ = stopped.await;
+    }));
     Running {
         addr,
         proxy,
@@ -83,11 +87,82 @@ pub async fn spawn_with(cfg: Config) -> Running {
 
 /// A stand-in with no TMDB limit of its own and no latency.
 pub async fn sim() -> Sim {
-    Sim::start_local(SimConfig::default()).await.unwrap()
+    Sim::builder().start().await.unwrap()
 }
 
-pub async fn sim_with(cfg: SimConfig) -> Sim {
-    Sim::start_local(cfg).await.unwrap()
+/// Starts the stand-in `builder` describes.
+pub async fn sim_with(builder: SimBuilder) -> Sim {
+    builder.start().await.unwrap()
+}
+
+/// The address requests appear to come from when the proxy is called in-process.
+pub const IN_PROCESS_CLIENT: &str = "127.0.0.1:40000";
+
+/// The proxy called in-process ([`Proxy::handle`], no client socket), reaching the stand-in
+/// through an in-memory pipe: no socket anywhere, so on paused time the clock moves only when
+/// every task waits on a timer, and times can be asserted exactly.
+pub struct InProcess {
+    pub proxy: Proxy,
+    pub sim: Sim,
+}
+
+impl InProcess {
+    /// The proxy configured by `toml`, in front of `sim`.
+    pub fn new(toml: &str, sim: Sim) -> Self {
+        let cfg = config(toml, &sim.url());
+        let proxy = Proxy::in_memory(&cfg, sim.dialer()).expect("proxy builds");
+        Self { proxy, sim }
+    }
+
+    /// Sends `req` to the proxy and reads the answer whole.
+    pub async fn call(&self, req: Request<Empty<Bytes>>) -> Reply {
+        call(&self.proxy, req).await
+    }
+
+    /// GET `path_and_query`.
+    pub async fn get(&self, path_and_query: &str) -> Reply {
+        self.get_with(path_and_query, &[]).await
+    }
+
+    /// GET `path_and_query` with extra headers.
+    pub async fn get_with(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = Request::get(path_and_query);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        self.call(req.body(Empty::new()).unwrap()).await
+    }
+
+    /// GET `path_and_query` in a task of its own: a client that can be left waiting or dropped.
+    pub fn spawn_get(&self, path_and_query: &str) -> JoinHandle<Reply> {
+        let (proxy, req) = (
+            self.proxy.clone(),
+            Request::get(path_and_query).body(Empty::new()).unwrap(),
+        );
+        tokio::spawn(async move { call(&proxy, req).await })
+    }
+
+    /// Arrival times at the stand-in of requests carrying `credential`, in order.
+    pub fn arrivals_of(&self, credential: &str) -> Vec<tokio::time::Instant> {
+        self.sim
+            .arrivals()
+            .iter()
+            .filter(|a| a.credential.as_deref() == Some(credential))
+            .map(|a| a.at)
+            .collect()
+    }
+}
+
+/// Calls `proxy` in-process with `req` and reads the answer whole.
+pub async fn call(proxy: &Proxy, req: Request<Empty<Bytes>>) -> Reply {
+    let client = IN_PROCESS_CLIENT.parse().unwrap();
+    let (parts, body) = proxy.handle(req, client).await.into_parts();
+    let body = body.collect().await.expect("body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub type TestClient = Client<HttpConnector, Empty<Bytes>>;

@@ -1,0 +1,446 @@
+//! The local budget: every key's bucket in this process's memory.
+//!
+//! Each answer is decided at once under the key's shard lock (see `store`), so the futures of the
+//! [`Budget`] interface are always ready. Times cross the interface as `tokio::time::Instant`
+//! (paused in tests) and become nanoseconds since this budget's epoch inside, where the math is.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+
+use super::bucket::{Bucket, CLOCK_SKEW, Decision, Nanos, Quota};
+use super::budget::{Budget, Grant, Pending, Policy, RateState, Reason, Refusal, Stamp};
+use super::key::Key;
+use super::store::Store;
+
+/// Least time between two sweeps forced by a full table: 100 ms.
+const FULL_SWEEP_EVERY: Nanos = 100_000_000;
+
+/// Retry-After for a new key turned away by a full table: buckets go idle within a window.
+const TABLE_FULL_RETRY: Duration = Duration::from_secs(1);
+
+/// Buckets in memory, one per key, plus the global one.
+#[derive(Debug)]
+pub struct LocalBudget {
+    store: Store,
+    policy: ArcSwap<Policy>,
+    /// Origin of the budget's nanosecond clock.
+    epoch: Instant,
+    /// When the table was last swept because it was full, so a flood of new keys triggers at
+    /// most one sweep per [`FULL_SWEEP_EVERY`].
+    last_full_sweep: AtomicU64,
+}
+
+// === impl LocalBudget ===
+
+impl LocalBudget {
+    /// A budget under `policy`, its clock starting now.
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            store: Store::default(),
+            policy: ArcSwap::from_pointee(policy),
+            epoch: Instant::now(),
+            last_full_sweep: AtomicU64::new(0),
+        }
+    }
+
+    /// The limits in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    fn nanos(&self, t: Instant) -> Nanos {
+        nanos(t.saturating_duration_since(self.epoch))
+    }
+
+    fn instant(&self, t: Nanos) -> Instant {
+        self.epoch + Duration::from_nanos(t)
+    }
+
+    /// Drops buckets of keys that have gone idle by `now`; returns how many remain.
+    pub fn sweep(&self, now: Instant) -> usize {
+        self.store
+            .retain_recent(self.nanos(now), self.policy.load().default)
+    }
+
+    /// Runs [`LocalBudget::sweep`] every `every` until the budget is dropped.
+    pub fn spawn_sweeper(budget: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(budget);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let now = tick.tick().await;
+                let Some(budget) = weak.upgrade() else { break };
+                let left = budget.sweep(now);
+                tracing::trace!(active_keys = left, "swept idle buckets");
+            }
+        })
+    }
+
+    /// Whether a new key may get a bucket under `max_keys`. A full table is swept (at most once
+    /// per [`FULL_SWEEP_EVERY`]) before a newcomer is turned away.
+    fn has_room(&self, policy: &Policy, now: Nanos) -> bool {
+        if self.store.len() < policy.max_keys {
+            return true;
+        }
+        let last = self.last_full_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= FULL_SWEEP_EVERY
+            && self
+                .last_full_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.store.retain_recent(now, policy.default);
+        }
+        self.store.len() < policy.max_keys
+    }
+
+    fn try_acquire(&self, key: Key, now: Instant, max_wait: Duration) -> Result<Grant, Refusal> {
+        let policy = self.policy.load();
+        let quota = policy.quota_for(key);
+        let (t, max_wait) = (self.nanos(now), nanos(max_wait));
+        let (at, rate) = self.take_key_token(&policy, key, quota, t, max_wait)?;
+        let mut grant = Grant {
+            key,
+            at: now,
+            rate,
+            stamps: [Some(Stamp { key, quota, at }), None],
+        };
+        let mut leaves = at;
+        if let Some(global) = policy.global {
+            // No use for a global token before the key's own slot.
+            let decision = self.store.update(Key::GLOBAL, |bucket| {
+                bucket.acquire_after(t, at, global, max_wait)
+            });
+            match decision {
+                Decision::Admit { at: g, .. } => {
+                    grant.stamps[1] = Some(Stamp {
+                        key: Key::GLOBAL,
+                        quota: global,
+                        at: g,
+                    });
+                    leaves = leaves.max(g);
+                }
+                Decision::Deny {
+                    in_window,
+                    next_free,
+                } => {
+                    self.release(&grant);
+                    let wait = Duration::from_nanos(next_free.saturating_sub(t));
+                    let limit = global.capacity;
+                    return Err(Refusal::new(
+                        Reason::GlobalOverLimit,
+                        limit,
+                        in_window,
+                        wait,
+                    ));
+                }
+            }
+        }
+        // A stamp within the clock skew of now is the present, not a queue to wait behind.
+        if leaves.saturating_sub(t) > CLOCK_SKEW {
+            grant.at = self.instant(leaves);
+        }
+        Ok(grant)
+    }
+
+    /// The key's own token at `t` or its slot within `max_wait`, and its standing after it.
+    fn take_key_token(
+        &self,
+        policy: &Policy,
+        key: Key,
+        quota: Quota,
+        t: Nanos,
+        max_wait: Nanos,
+    ) -> Result<(Nanos, RateState), Refusal> {
+        let decide =
+            |bucket: &mut Bucket| (bucket.acquire(t, quota, max_wait), bucket.is_paused(t));
+        // A known key never waits on the table's size; a new one needs room under `max_keys`.
+        let (decision, paused) = match self.store.update_existing(key, decide) {
+            Some(found) => found,
+            None if policy.max_keys == usize::MAX || self.has_room(policy, t) => {
+                self.store.update(key, decide)
+            }
+            None => {
+                let limit = quota.capacity;
+                return Err(Refusal::new(Reason::TableFull, limit, 0, TABLE_FULL_RETRY));
+            }
+        };
+        match decision {
+            Decision::Admit {
+                at,
+                remaining,
+                next_free,
+            } => Ok((
+                at,
+                RateState {
+                    limit: quota.capacity,
+                    remaining,
+                    reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
+                },
+            )),
+            Decision::Deny {
+                in_window,
+                next_free,
+            } => {
+                let reason = if paused {
+                    Reason::Paused
+                } else {
+                    Reason::KeyOverLimit
+                };
+                let wait = Duration::from_nanos(next_free.saturating_sub(t));
+                Err(Refusal::new(reason, quota.capacity, in_window, wait))
+            }
+        }
+    }
+
+    fn try_confirm(&self, grant: &mut Grant, now: Instant) -> Result<(), Refusal> {
+        let t = self.nanos(now);
+        let tolerance = nanos(self.policy.load().tolerance);
+        for stamp in grant.stamps.iter_mut().flatten() {
+            let quota = stamp.quota;
+            let old = stamp.at;
+            // The bucket may have been swept while the request waited for a connection, so it is
+            // created if need be. A key paused (upstream 429) meanwhile must not send.
+            let moved = self.store.update(stamp.key, |bucket| {
+                if bucket.is_paused(t) {
+                    Err(Reason::Paused)
+                } else if t.saturating_sub(old) <= tolerance {
+                    Ok(old)
+                } else if bucket.restamp(old, t, quota) {
+                    Ok(t)
+                } else {
+                    Err(Reason::NoLongerFits)
+                }
+            });
+            match moved {
+                Ok(at) => stamp.at = at,
+                Err(reason) => {
+                    let wait = Duration::from_nanos(quota.spacing());
+                    return Err(Refusal::new(reason, quota.capacity, 0, wait));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Budget for LocalBudget {
+    fn acquire(
+        &self,
+        key: Key,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Pending<'_, Result<Grant, Refusal>> {
+        Pending::ready(self.try_acquire(key, now, max_wait))
+    }
+
+    fn confirm<'a>(
+        &'a self,
+        grant: &'a mut Grant,
+        now: Instant,
+    ) -> Pending<'a, Result<(), Refusal>> {
+        Pending::ready(self.try_confirm(grant, now))
+    }
+
+    fn release(&self, grant: &Grant) {
+        for stamp in grant.stamps.iter().flatten() {
+            self.store
+                .update_existing(stamp.key, |bucket| bucket.release(stamp.at));
+        }
+    }
+
+    fn is_paused(&self, key: Key, at: Instant) -> bool {
+        let t = self.nanos(at);
+        self.store
+            .update_existing(key, |bucket| bucket.is_paused(t))
+            .unwrap_or(false)
+    }
+
+    fn pause(&self, key: Key, now: Instant, wait: Duration) -> bool {
+        let t = self.nanos(now);
+        self.store
+            .update(key, |bucket| bucket.pause(t, t.saturating_add(nanos(wait))))
+    }
+
+    fn peek(&self, key: Key, now: Instant) -> RateState {
+        let quota = self.policy.load().quota_for(key);
+        let t = self.nanos(now);
+        let (remaining, next) = self
+            .store
+            .update_existing(key, |bucket| bucket.peek(t, quota))
+            .unwrap_or((quota.capacity, t));
+        RateState {
+            limit: quota.capacity,
+            remaining,
+            reset_after: Duration::from_nanos(next.saturating_sub(t)),
+        }
+    }
+
+    fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    fn tracked_keys(&self) -> usize {
+        self.store.len()
+    }
+}
+
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn budget(toml: &str) -> LocalBudget {
+        let cfg = Config::from_toml_str(toml).unwrap();
+        LocalBudget::new(Policy::new(&cfg.limit, Key::of))
+    }
+
+    fn acquire(b: &LocalBudget, key: Key, max_wait: Duration) -> Result<Grant, Refusal> {
+        b.try_acquire(key, Instant::now(), max_wait)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_refusal_with_the_time_until_a_token_is_back() {
+        let b = budget("[limit]\nrequests_per_second = 3\n");
+        let k = Key::of("k");
+        for remaining in [2, 1, 0] {
+            let grant = acquire(&b, k, Duration::ZERO).unwrap();
+            assert_eq!(grant.rate.remaining, remaining);
+            assert_eq!(grant.at, Instant::now());
+        }
+        let refused = acquire(&b, k, Duration::ZERO).unwrap_err();
+        assert_eq!(
+            refused,
+            Refusal {
+                reason: Reason::KeyOverLimit,
+                limit: 3,
+                count: 4,
+                retry_after: 1050 * MS,
+            }
+        );
+        tokio::time::advance(1050 * MS).await;
+        assert!(acquire(&b, k, Duration::ZERO).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_grant_gives_its_token_back() {
+        let b = budget("[limit]\nrequests_per_second = 1\n");
+        let k = Key::of("k");
+        let grant = acquire(&b, k, Duration::ZERO).unwrap();
+        b.release(&grant);
+        acquire(&b, k, Duration::ZERO).unwrap();
+        assert!(acquire(&b, k, Duration::ZERO).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_grant_names_its_slot() {
+        let b = budget("[limit]\nrequests_per_second = 1\n");
+        let k = Key::of("k");
+        let start = Instant::now();
+        acquire(&b, k, Duration::ZERO).unwrap();
+        let queued = acquire(&b, k, 2 * Duration::from_secs(1)).unwrap();
+        assert_eq!(queued.at, start + 1050 * MS);
+        assert_eq!(b.tracked_keys(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_stamp_moves_to_the_moment_of_sending() {
+        let b = budget("[limit]\nrequests_per_second = 2\n");
+        let k = Key::of("k");
+        let start = Instant::now();
+        // Token stamped at 0, but the request waits 400 ms for a connection.
+        let mut slow = acquire(&b, k, Duration::ZERO).unwrap();
+        tokio::time::advance(400 * MS).await;
+        b.try_confirm(&mut slow, Instant::now()).unwrap();
+        // A fresh grant within the tolerance keeps its stamp.
+        let mut quick = acquire(&b, k, Duration::ZERO).unwrap();
+        tokio::time::advance(10 * MS).await;
+        b.try_confirm(&mut quick, Instant::now()).unwrap();
+        // Both stamps are at 400 ms, so the next token is free at 1.45 s.
+        let third = acquire(&b, k, Duration::from_secs(2)).unwrap();
+        assert_eq!(third.at, start + 1450 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirm_refuses_during_a_pause_and_release_then_frees_the_token() {
+        let b = budget("[limit]\nrequests_per_second = 1\n");
+        let k = Key::of("k");
+        let mut grant = acquire(&b, k, Duration::ZERO).unwrap();
+        assert!(b.pause(k, Instant::now(), Duration::from_secs(2)));
+        assert!(
+            !b.pause(k, Instant::now(), Duration::from_secs(1)),
+            "paused already"
+        );
+        assert!(b.is_paused(k, Instant::now() + Duration::from_secs(1)));
+        let refused = b.try_confirm(&mut grant, Instant::now()).unwrap_err();
+        assert_eq!(refused.reason, Reason::Paused);
+        b.release(&grant);
+        let refused = acquire(&b, k, Duration::ZERO).unwrap_err();
+        assert_eq!(
+            (refused.reason, refused.retry_after),
+            (Reason::Paused, Duration::from_secs(2))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_ceiling_is_charged_too_and_refusal_gives_the_key_back() {
+        let b = budget("[limit]\nrequests_per_second = 5\nglobal_requests_per_second = 2\n");
+        let (a, c) = (Key::of("a"), Key::of("c"));
+        let grant = acquire(&b, a, Duration::ZERO).unwrap();
+        assert_eq!(grant.stamps[1].map(|s| s.key), Some(Key::GLOBAL));
+        acquire(&b, c, Duration::ZERO).unwrap();
+        let refused = acquire(&b, a, Duration::ZERO).unwrap_err();
+        assert_eq!(
+            (refused.reason, refused.limit, refused.count),
+            (Reason::GlobalOverLimit, 2, 3)
+        );
+        // The key's own token was given back: it still has four.
+        assert_eq!(b.peek(a, Instant::now()).remaining, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_turns_new_keys_away_until_buckets_go_idle() {
+        let b = budget("[limit]\nrequests_per_second = 5\nmax_keys = 3\n");
+        for k in ["a", "b", "c"] {
+            acquire(&b, Key::of(k), Duration::ZERO).unwrap();
+        }
+        let refused = acquire(&b, Key::of("d"), Duration::ZERO).unwrap_err();
+        assert_eq!(
+            (refused.reason, refused.count, refused.limit),
+            (Reason::TableFull, 6, 5)
+        );
+        // Known keys still get their tokens; a peek does not take a place in the table.
+        assert!(acquire(&b, Key::of("a"), Duration::ZERO).is_ok());
+        assert_eq!(b.peek(Key::of("e"), Instant::now()).remaining, 5);
+        // Once the old buckets are idle, a full table sweeps itself for a newcomer.
+        tokio::time::advance(1100 * MS).await;
+        assert!(acquire(&b, Key::of("d"), Duration::ZERO).is_ok());
+        assert_eq!(b.tracked_keys(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_drops_idle_buckets() {
+        let b = Arc::new(budget("[limit]\nrequests_per_second = 5\n"));
+        let _sweeper = LocalBudget::spawn_sweeper(&b, Duration::from_secs(1));
+        for i in 0..100 {
+            acquire(&b, Key::of(&format!("k{i}")), Duration::ZERO).unwrap();
+        }
+        assert_eq!(b.tracked_keys(), 100);
+        // Idle one window (1.05 s) after the last stamp; swept at the next tick (2 s).
+        tokio::time::sleep(Duration::from_millis(1999)).await;
+        assert_eq!(b.tracked_keys(), 100);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(b.tracked_keys(), 0);
+    }
+}

@@ -1,0 +1,228 @@
+//! The admission step: how a request gets its rate token and its upstream connection.
+//!
+//! # When the token is stamped
+//! A request first takes its token from the budget (waiting its turn in `queue` mode), then a
+//! ready upstream connection. If getting the connection took longer than half the window margin,
+//! the token's stamp moves to the moment the request leaves, provided no window would then exceed
+//! the limit; otherwise the request gives its token and its connection back and queues again (at
+//! most [`MAX_ATTEMPTS`] times, then 429). A token therefore counts from the moment its request
+//! leaves, not from when it started waiting for a connection or a TLS handshake: the guarantee is
+//! about arrivals at the upstream.
+//!
+//! # Queueing, departures, pauses and the drain
+//! - A request granted a future slot sleeps until it. A client that goes away meanwhile drops
+//!   this future, and its slot goes back to the budget for the next request to take.
+//! - If the upstream answered 429 for the key while the request slept and its slot falls inside
+//!   the pause, it queues again behind the pause.
+//! - An upstream 429 pauses the key for as long as the upstream asked (see
+//!   [`Admission::upstream_refused`]): the budget was wrong, so nothing more is sent until then.
+//! - From the moment shutdown begins ([`Admission::drain`]) no request waits past the drain
+//!   deadline: those whose turn would come later are refused at once rather than cut off.
+//!
+//! The step talks only to the [`Budget`] interface, so a budget kept elsewhere than in this
+//! process fits in without change here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::ctx::RequestCtx;
+use crate::error::ProxyError;
+use crate::limiter::{Budget, Grant, Key, RateState, Reason, Refusal};
+use crate::upstream::{Lease, Upstream};
+
+/// How often a request may queue again because its token no longer fitted by the time it had a
+/// connection (a slow or saturated upstream); then it is answered 429.
+pub const MAX_ATTEMPTS: u32 = 4;
+
+/// The admission step, shared by every request.
+#[derive(Debug)]
+pub struct Admission {
+    budget: Arc<dyn Budget>,
+    /// Set when shutdown begins: no request may wait past this.
+    drain: watch::Sender<Option<Instant>>,
+    /// Requests asleep until their queued slot.
+    queued: AtomicUsize,
+}
+
+impl Admission {
+    pub fn new(budget: Arc<dyn Budget>) -> Self {
+        Self {
+            budget,
+            drain: watch::Sender::new(None),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    /// The budget requests are admitted against.
+    pub fn budget(&self) -> &dyn Budget {
+        &*self.budget
+    }
+
+    /// Requests asleep in a queue now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Shutdown: from now on no request waits past `deadline`, and queued requests whose turn
+    /// would come later are woken and refused (429, code 25).
+    pub fn drain(&self, deadline: Instant) {
+        self.drain.send_replace(Some(deadline));
+    }
+
+    /// The key's standing now, without spending (for requests refused before admission).
+    pub fn standing(&self, key: Key) -> RateState {
+        self.budget.peek(key, Instant::now())
+    }
+
+    /// Admits a request of `key`: its token (queueing up to `max_wait`), then a ready connection
+    /// of `upstream`, then the token confirmed at departure, or all of it again. On success the
+    /// token is spent and the connection is the request's to send on.
+    pub async fn admit(
+        &self,
+        key: Key,
+        max_wait: Duration,
+        upstream: &Upstream,
+        ctx: &mut RequestCtx,
+    ) -> Result<Lease, ProxyError> {
+        let since = Instant::now();
+        let mut attempt = 1;
+        loop {
+            let mut held = match self.token(key, since, max_wait).await {
+                Ok(held) => held,
+                Err(refusal) => return Err(refused(ctx, refusal)),
+            };
+            ctx.rate = Some(held.grant.rate);
+            ctx.waited = held.grant.at.saturating_duration_since(since);
+            let lease = upstream.checkout(upstream.deadline()).await?;
+            match self.budget.confirm(&mut held.grant, Instant::now()).await {
+                Ok(()) => {
+                    held.sent();
+                    return Ok(lease);
+                }
+                Err(refusal) if attempt >= MAX_ATTEMPTS => return Err(refused(ctx, refusal)),
+                // The token no longer fits: give the connection back (then the token, as `held`
+                // drops) and queue again, holding nothing while waiting.
+                Err(_) => drop(lease),
+            }
+            attempt += 1;
+        }
+    }
+
+    /// The request's token: at once, or after sleeping until its queued slot. `max_wait` counts
+    /// from `since`, the request's first try.
+    async fn token(
+        &self,
+        key: Key,
+        since: Instant,
+        max_wait: Duration,
+    ) -> Result<Held<'_>, Refusal> {
+        let mut drained = self.drain.subscribe();
+        loop {
+            let now = Instant::now();
+            let mut wait = max_wait.saturating_sub(now.saturating_duration_since(since));
+            if let Some(deadline) = *drained.borrow_and_update() {
+                wait = wait.min(deadline.saturating_duration_since(now));
+            }
+            let held = Held::new(&*self.budget, self.budget.acquire(key, now, wait).await?);
+            let at = held.grant.at;
+            if at <= now {
+                return Ok(held);
+            }
+            let _queued = Queued::enter(&self.queued);
+            let wake = tokio::time::sleep_until(at);
+            tokio::pin!(wake);
+            loop {
+                tokio::select! {
+                    () = &mut wake => break,
+                    changed = drained.changed() => {
+                        let cut = *drained.borrow_and_update();
+                        if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
+                            let wait = at.saturating_duration_since(Instant::now());
+                            return Err(Refusal::new(Reason::Draining, held.grant.rate.limit, 0, wait));
+                        }
+                    }
+                }
+            }
+            // Paused by an upstream 429 while asleep: queue again behind the pause (dropping
+            // `held` gives this slot back).
+            if !self.budget.is_paused(key, at) {
+                return Ok(held);
+            }
+        }
+    }
+
+    /// The upstream answered 429 for `key`: the budget was wrong (another consumer shares the key
+    /// or the IP, or TMDB tightened its limit). The key admits nothing for `wait` (each pause is
+    /// logged once), and the refusal returned is what its client is shown when the upstream's
+    /// body cannot pass through.
+    pub fn upstream_refused(&self, key: Key, wait: Duration, ctx: &mut RequestCtx) -> Refusal {
+        if self.budget.pause(key, Instant::now(), wait) {
+            tracing::warn!(
+                key = %key.fingerprint(),
+                pause = ?wait,
+                "upstream answered 429; pausing this key"
+            );
+        }
+        let limit = ctx.rate.map_or(0, |rate| rate.limit);
+        let refusal = Refusal::new(Reason::UpstreamRateLimited, limit, 0, wait);
+        ctx.upstream_429 = Some(wait);
+        ctx.rate = Some(RateState::from(&refusal));
+        refusal
+    }
+}
+
+/// Notes a refusal in the context (its rate state is what the client is told).
+fn refused(ctx: &mut RequestCtx, refusal: Refusal) -> ProxyError {
+    ctx.rate = Some(RateState::from(&refusal));
+    ProxyError::RateLimited(refusal)
+}
+
+/// A grant whose tokens go back to the budget unless its request was sent.
+struct Held<'a> {
+    budget: &'a dyn Budget,
+    grant: Grant,
+    armed: bool,
+}
+
+impl<'a> Held<'a> {
+    fn new(budget: &'a dyn Budget, grant: Grant) -> Self {
+        Self {
+            budget,
+            grant,
+            armed: true,
+        }
+    }
+
+    /// The request leaves: its tokens stay spent.
+    fn sent(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.budget.release(&self.grant);
+        }
+    }
+}
+
+/// Counts a request asleep in a queue for as long as it sleeps, whatever way the sleep ends.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,82 @@
+//! The per-request context: what the phases learn about one request, read once by the exit.
+//!
+//! Each phase writes what it alone knows (the key once identified, the rate state once a token is
+//! taken or refused, the upstream's timing and any pause it imposed); `Proxy::finish` reads it all
+//! to write the headers, the metric and the log line, the same way for every outcome.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+use tokio::time::Instant;
+
+use crate::limiter::{Key, RateState};
+use crate::tmdb::auth;
+
+/// Whose budget a request spends, and where its key came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub key: Key,
+    pub source: Source,
+}
+
+/// Where a request's key came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The `api_key` query parameter.
+    Query,
+    /// An `Authorization: Bearer` token.
+    Bearer,
+    /// None on the request: the configured default key, to be injected upstream.
+    Default,
+}
+
+/// The key a configured credential (a default key, an alias, an override) spends: a read token
+/// stands for its `aud` key, exactly as a request carrying it would.
+pub fn budget_key(credential: &str) -> Key {
+    Key::of(&auth::account_of(credential))
+}
+
+/// What is known about one request as it goes through the phases.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The client's `X-Request-Id` when well-formed, else a generated one; echoed in the answer.
+    pub id: HeaderValue,
+    /// When the proxy began to handle the request (the log line's `total_ms`).
+    pub started: Instant,
+    pub method: Method,
+    /// The path alone: the query may carry a key, so it is never logged.
+    pub path: String,
+    /// A CORS preflight, answered by the proxy without a key.
+    pub preflight: bool,
+    /// The budget the request spends, once identified.
+    pub key: Option<Key>,
+    /// The key's standing as the client is told it, once a token was taken or refused.
+    pub rate: Option<RateState>,
+    /// Time queued for a token.
+    pub waited: Duration,
+    /// From sending upstream to the response headers, or to the failure.
+    pub upstream_latency: Option<Duration>,
+    /// Whether the upstream sent response headers.
+    pub upstream_answered: bool,
+    /// The pause an upstream 429 imposed on the key.
+    pub upstream_429: Option<Duration>,
+}
+
+impl RequestCtx {
+    /// The context of a request that has just arrived.
+    pub fn new(id: HeaderValue, method: &Method, path: &str) -> Self {
+        Self {
+            id,
+            started: Instant::now(),
+            method: method.clone(),
+            path: path.to_owned(),
+            preflight: false,
+            key: None,
+            rate: None,
+            waited: Duration::ZERO,
+            upstream_latency: None,
+            upstream_answered: false,
+            upstream_429: None,
+        }
+    }
+}

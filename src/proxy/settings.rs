@@ -1,0 +1,81 @@
+//! The reloadable part of the proxy: what a request reads once, at its start, and a reload
+//! replaces whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use crate::config::{Config, Secret, UpstreamConfig};
+use crate::limiter::Key;
+use crate::upstream::{BuildError, Dialer, Upstream};
+
+use super::ctx::budget_key;
+use super::phases::RequestRules;
+
+/// Settings in force for the requests that start now.
+#[derive(Debug)]
+pub(super) struct Settings {
+    pub(super) upstream: Upstream,
+    /// The configuration `upstream` was built from, to rebuild it only when it changed.
+    upstream_cfg: UpstreamConfig,
+    pub(super) rules: RequestRules,
+    /// Longest a request may queue for a token (zero in reject mode).
+    pub(super) max_wait: Duration,
+    pub(super) legacy_headers: bool,
+    /// The key injected into requests that carry none.
+    pub(super) default_key: Option<Secret>,
+    /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
+    pub(super) aliases: HashMap<Key, Arc<str>>,
+}
+
+impl Settings {
+    /// Settings for `cfg`, reusing `current`'s upstream pool when its connection settings are
+    /// unchanged. `dialer` replaces the network (tests on paused time).
+    pub(super) fn new(
+        cfg: &Config,
+        current: Option<&Settings>,
+        broken_bodies: &Arc<AtomicU64>,
+        dialer: Option<&Dialer>,
+    ) -> Result<Self, BuildError> {
+        let upstream = match (current, dialer) {
+            (Some(current), _) if current.upstream_cfg.connects_like(&cfg.upstream) => {
+                current.upstream.clone()
+            }
+            (_, Some(dial)) => {
+                Upstream::in_memory(&cfg.upstream, dial.clone(), broken_bodies.clone())
+            }
+            (_, None) => Upstream::new(&cfg.upstream, broken_bodies.clone())?,
+        };
+        let default_key = cfg.keys.default_api_key.clone();
+        let rules = RequestRules {
+            upstream: upstream.base().clone(),
+            default_key: default_key
+                .as_ref()
+                .map(|secret| budget_key(secret.expose())),
+            paths: cfg.upstream.paths.clone(),
+            savers: cfg.quota_savers,
+        };
+        let aliases = cfg
+            .keys
+            .aliases
+            .iter()
+            .map(|(alias, secret)| (budget_key(secret.expose()), Arc::from(alias.as_str())))
+            .collect();
+        Ok(Self {
+            upstream,
+            upstream_cfg: cfg.upstream.clone(),
+            rules,
+            max_wait: cfg.limit.max_wait,
+            legacy_headers: cfg.limit.legacy_headers,
+            default_key,
+            aliases,
+        })
+    }
+
+    /// The metric label of `key`, if an operator gave it an alias.
+    pub(super) fn alias(&self, key: Option<Key>) -> Option<&str> {
+        key.and_then(|key| self.aliases.get(&key))
+            .map(|alias| &**alias)
+    }
+}

@@ -1,0 +1,175 @@
+//! TMDB's auth scheme: which credential a request presents and whose budget it spends.
+//!
+//! A request authenticates with its `api_key` query parameter (v3) or, failing that, an
+//! `Authorization: Bearer` token (a v4 read access token). A TMDB read token is a JWT whose
+//! payload's `aud` claim is the account's v3 key, so such a token spends that key's budget and one
+//! account's v3 and v4 traffic share one limit. Pure functions, no I/O.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+
+use super::query::Query;
+
+/// Query parameter carrying a v3 API key.
+pub const API_KEY_PARAM: &str = "api_key";
+
+/// Scheme of a v4 read access token in `Authorization`.
+pub const BEARER_PREFIX: &str = "Bearer ";
+
+/// Longest JWT payload decoded, base64 included: TMDB's are a few hundred bytes.
+const MAX_JWT_PAYLOAD: usize = 8 * 1024;
+
+/// The credential a request presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// A v3 key, from the `api_key` query parameter (decoded).
+    ApiKey(&'a str),
+    /// A token from `Authorization: Bearer`.
+    Bearer(&'a str),
+}
+
+impl<'a> Credential<'a> {
+    /// The credential as the client sent it.
+    pub fn as_sent(&self) -> &'a str {
+        match *self {
+            Self::ApiKey(key) | Self::Bearer(key) => key,
+        }
+    }
+
+    /// The account whose budget this credential spends: a v3 key is its own account; a read token
+    /// is its `aud` key's; any other bearer token is its own.
+    pub fn account(&self) -> Cow<'a, str> {
+        account_of(self.as_sent())
+    }
+}
+
+/// The request's credential: its first non-empty `api_key` value, else its bearer token.
+pub fn credential<'a>(query: &'a Query<'_>, headers: &'a HeaderMap) -> Option<Credential<'a>> {
+    if let Some(key) = query.values(API_KEY_PARAM).next() {
+        return Some(Credential::ApiKey(key));
+    }
+    bearer_token(headers).map(Credential::Bearer)
+}
+
+/// Whether a query names two or more different non-empty `api_key` values: the proxy would bucket
+/// one while the upstream might honour the other, a way around the limit.
+pub fn has_conflicting_api_keys(query: &Query<'_>) -> bool {
+    let mut keys = query.values(API_KEY_PARAM);
+    match keys.next() {
+        Some(first) => keys.any(|other| other != first),
+        None => false,
+    }
+}
+
+/// The account a configured credential (an alias or override value) stands for, exactly as a
+/// request carrying it would: a read token counts as its `aud` key.
+pub fn account_of(credential: &str) -> Cow<'_, str> {
+    match jwt_audience(credential) {
+        Some(aud) => Cow::Owned(aud),
+        None => Cow::Borrowed(credential),
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if well-formed.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let scheme = value.get(..BEARER_PREFIX.len())?;
+    if !scheme.eq_ignore_ascii_case(BEARER_PREFIX) {
+        return None;
+    }
+    let token = value[BEARER_PREFIX.len()..].trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The `aud` claim of a JWT's payload, read without checking the signature (TMDB checks it; the
+/// proxy only needs to know whose budget the token spends).
+pub fn jwt_audience(token: &str) -> Option<String> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > MAX_JWT_PAYLOAD {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    match claims.get("aud")? {
+        serde_json::Value::String(aud) if !aud.trim().is_empty() => Some(aud.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn jwt(payload: &str) -> String {
+        let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.{}",
+            enc.encode(r#"{"alg":"HS256"}"#),
+            enc.encode(payload),
+            enc.encode("sig")
+        )
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn query_key_wins_and_tolerates_empty_pairs() {
+        let query = Query::parse(Some("api_key=K1&&language=en-US"));
+        assert_eq!(
+            credential(&query, &bearer("T")),
+            Some(Credential::ApiKey("K1"))
+        );
+        let query = Query::parse(Some("&&api_key=&api_key=K2&"));
+        assert_eq!(
+            credential(&query, &HeaderMap::new()),
+            Some(Credential::ApiKey("K2"))
+        );
+        let query = Query::parse(Some("language=en&include_image_language=null"));
+        assert_eq!(credential(&query, &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn conflicting_keys_are_spotted() {
+        let conflicting = |q| has_conflicting_api_keys(&Query::parse(Some(q)));
+        assert!(conflicting("api_key=A&api_key=B"));
+        assert!(!conflicting("api_key=A&api_key=A&api_key="));
+        assert!(!conflicting("page=1"));
+    }
+
+    #[test]
+    fn a_read_token_spends_its_audience_keys_budget() {
+        let token = jwt(r#"{"aud":"K1","sub":"x","scopes":["api_read"],"version":1}"#);
+        let (headers, query) = (bearer(&token), Query::default());
+        let found = credential(&query, &headers).unwrap();
+        assert_eq!(found, Credential::Bearer(&token));
+        assert_eq!(found.account(), "K1");
+        assert_eq!(account_of(&token), "K1");
+        assert_eq!(account_of("K2"), "K2");
+    }
+
+    #[test]
+    fn an_opaque_bearer_is_its_own_account() {
+        let (headers, query) = (bearer("not-a-jwt"), Query::default());
+        let found = credential(&query, &headers).unwrap();
+        assert_eq!(found.account(), "not-a-jwt");
+        assert_eq!(jwt_audience(&jwt(r#"{"aud":["a","b"]}"#)), None);
+        assert_eq!(jwt_audience("a.!!!.c"), None);
+        let mut basic = HeaderMap::new();
+        basic.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&basic), None);
+    }
+}
