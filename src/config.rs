@@ -1095,6 +1095,29 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_names_what_only_a_restart_changes() {
+        let running = Config::from_toml_str("").unwrap();
+        let same_sockets = Config::from_toml_str(
+            "[limit]\nrequests_per_second = 5\n[upstream]\nmax_connections = 3\n",
+        )
+        .unwrap();
+        assert!(same_sockets.restart_required(&running).is_empty());
+        let moved = Config::from_toml_str(
+            "[server]\nlisten = \"127.0.0.1:9\"\n[log]\nformat = \"json\"\n\
+             [limit]\nsweep_interval = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            moved.restart_required(&running),
+            [
+                "server (listen, tls, max_connections, timeouts)",
+                "log",
+                "limit.sweep_interval"
+            ]
+        );
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let cfg =
             Config::from_toml_with_env("", env(&[("TMDB_PROXY__KEYS__DEFAULT_API_KEY", "s3cr3t")]))

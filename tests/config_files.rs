@@ -75,6 +75,28 @@ fn binary_refuses_a_bad_config_naming_the_key() {
     );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
+
+    // TLS files that exist but hold no certificate are refused before anything binds, by
+    // `check` too.
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not PEM\n").unwrap();
+    let tls = dir.join("tls.toml");
+    std::fs::write(
+        &tls,
+        format!(
+            "[server.tls]\ncert_file = \"{0}\"\nkey_file = \"{0}\"\n",
+            junk.display()
+        ),
+    )
+    .unwrap();
+    for args in [vec!["check"], vec![]] {
+        let mut args = args;
+        args.extend(["--config", tls.to_str().unwrap()]);
+        let out = run_binary(&args, &[]);
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("server.tls.cert_file"), "{stderr}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -18,9 +18,11 @@ struct Files {
     cert_pem: String,
 }
 
-fn write_cert() -> Files {
+/// A certificate and key for 127.0.0.1 in a temporary directory of their own (`name` keeps the
+/// tests of this binary out of each other's way).
+fn write_cert(name: &str) -> Files {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("tmdb-proxy-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tmdb-proxy-tls-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
@@ -92,7 +94,7 @@ async fn get_tls(
 
 #[tokio::test]
 async fn tls_listener_serves_https_over_h2_and_http1() {
-    let files = write_cert();
+    let files = write_cert("serve");
     let sim = sim().await;
     let toml = format!(
         "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
@@ -148,4 +150,34 @@ fn tls_config_errors_name_the_key() {
         missing.to_string().contains("server.tls.cert_file"),
         "{missing}"
     );
+}
+
+#[test]
+fn a_file_that_is_not_a_certificate_stops_the_server_naming_the_key() {
+    let files = write_cert("refuse");
+    let garbage = files.dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let toml = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let (cert, key) = (files.dir.join("cert.pem"), files.dir.join("key.pem"));
+    for (cfg, named) in [
+        (toml(&garbage, &key), "server.tls.cert_file"),
+        (toml(&cert, &garbage), "server.tls.key_file"),
+        // A certificate and the wrong kind of file for its key.
+        (toml(&cert, &cert), "server.tls.key_file"),
+    ] {
+        let cfg = tmdb_proxy::Config::from_toml_str(&cfg).expect("the files exist");
+        let error = tmdb_proxy::server::Server::new(&cfg.server)
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains(named), "{error}");
+    }
+    let cfg = tmdb_proxy::Config::from_toml_str(&toml(&cert, &key)).unwrap();
+    assert!(tmdb_proxy::server::Server::new(&cfg.server).is_ok());
+    let _ = std::fs::remove_dir_all(&files.dir);
 }
