@@ -327,13 +327,43 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// TLS for the client listener: the PEM files of the certificate chain and its key. They are
-/// read and turned into a TLS configuration by `server::tls` when the server is built, before it
-/// binds.
+/// TLS for the client listener: the certificate chain and its key, read at load. `server::tls`
+/// turns them into a TLS configuration when the server is built, before it binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    pub cert: PemFile,
+    pub key: PemFile,
+}
+
+/// A PEM file read at load: where it came from (for messages) and its text. `Debug` shows the
+/// path only, so neither `check` nor a log line ever prints a private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemFile {
+    pub path: PathBuf,
+    text: String,
+}
+
+impl PemFile {
+    /// Reads `path`, the value of `key`.
+    fn read(key: &'static str, path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(key, format!("cannot read `{path}`: {e}")))?;
+        Ok(Self {
+            path: PathBuf::from(path),
+            text,
+        })
+    }
+
+    /// The file's text, to be parsed as PEM.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for PemFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.path, f)
+    }
 }
 
 /// Where requests go, and how long they may take.
@@ -341,8 +371,9 @@ pub struct TlsConfig {
 pub struct UpstreamConfig {
     /// Scheme and authority of the upstream (`https://api.themoviedb.org`); never a path.
     pub base_url: Uri,
-    /// An extra PEM trust root for the upstream's certificate, on top of the system and webpki roots.
-    pub ca_file: Option<PathBuf>,
+    /// Extra PEM trust roots for the upstream's certificate, on top of the system and webpki
+    /// roots (`ca_file`).
+    pub ca: Option<PemFile>,
     /// TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
     /// From sending the request to receiving response headers.
@@ -360,7 +391,7 @@ impl UpstreamConfig {
     /// `paths`, which only filters requests): a reload rebuilds the pool only when this is false.
     pub fn connects_like(&self, other: &Self) -> bool {
         self.base_url == other.base_url
-            && self.ca_file == other.ca_file
+            && self.ca == other.ca
             && self.connect_timeout == other.connect_timeout
             && self.request_timeout == other.request_timeout
             && self.max_connections == other.max_connections
@@ -414,6 +445,8 @@ pub struct KeysConfig {
 pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
+    /// Where `level` came from, to name it if the filter is invalid: `log.level` or `RUST_LOG`.
+    pub level_from: &'static str,
     pub format: LogFormat,
 }
 
@@ -456,13 +489,22 @@ impl fmt::Display for Secret {
 // === impl Config ===
 
 impl Config {
-    /// Reads `path`, applies the process environment's `TMDB_PROXY__*` overrides, and validates.
+    /// Reads `path`, applies the process environment's `TMDB_PROXY__*` overrides (and `RUST_LOG`
+    /// for the log filter), and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml_with_env(&text, None)
+        let mut cfg = Self::from_toml_with_env(&text, None)?;
+        // The usual override of a Rust program's log filter wins over the file.
+        if let Ok(filter) = std::env::var("RUST_LOG")
+            && !filter.trim().is_empty()
+        {
+            cfg.log.level = filter;
+            cfg.log.level_from = "RUST_LOG";
+        }
+        Ok(cfg)
     }
 
     /// Parses TOML text with no environment overrides (tests, `check`).
@@ -570,20 +612,9 @@ fn validate_tls(raw: RawTls) -> Result<Option<TlsConfig>, ConfigError> {
             ));
         }
     }
-    for (key, path) in [
-        ("server.tls.cert_file", cert_file),
-        ("server.tls.key_file", key_file),
-    ] {
-        if !Path::new(path).is_file() {
-            return Err(invalid(
-                key,
-                format!("`{path}` does not exist or is not a file"),
-            ));
-        }
-    }
     Ok(Some(TlsConfig {
-        cert_file: PathBuf::from(cert_file),
-        key_file: PathBuf::from(key_file),
+        cert: PemFile::read("server.tls.cert_file", cert_file)?,
+        key: PemFile::read("server.tls.key_file", key_file)?,
     }))
 }
 
@@ -619,18 +650,9 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             ),
         ));
     }
-    let ca_file = match raw.ca_file.trim() {
+    let ca = match raw.ca_file.trim() {
         "" => None,
-        path => {
-            let path = PathBuf::from(path);
-            if !path.is_file() {
-                return Err(invalid(
-                    "upstream.ca_file",
-                    format!("`{}` does not exist or is not a file", path.display()),
-                ));
-            }
-            Some(path)
-        }
+        path => Some(PemFile::read("upstream.ca_file", path)?),
     };
     let mut paths = Vec::new();
     for path in raw.paths.into_items() {
@@ -649,7 +671,7 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     Ok(UpstreamConfig {
         base_url: uri,
         paths,
-        ca_file,
+        ca,
         connect_timeout: positive("upstream.connect_timeout", raw.connect_timeout)?,
         request_timeout: positive("upstream.request_timeout", raw.request_timeout)?,
         max_connections: non_zero("upstream.max_connections", raw.max_connections)?,
@@ -874,7 +896,11 @@ fn validate_log(raw: RawLog) -> Result<LogConfig, ConfigError> {
             ));
         }
     };
-    Ok(LogConfig { level, format })
+    Ok(LogConfig {
+        level,
+        level_from: "log.level",
+        format,
+    })
 }
 
 fn non_zero(key: &'static str, value: u32) -> Result<NonZeroU32, ConfigError> {

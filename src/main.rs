@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         eprintln!("{cfg:#?}");
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&cfg.log.level, cfg.log.format);
+    telemetry::init(&cfg.log.level, cfg.log.level_from, cfg.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

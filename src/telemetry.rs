@@ -1,4 +1,5 @@
-//! Logging setup: `tracing-subscriber` with the configured filter, `RUST_LOG` taking precedence.
+//! Logging setup: `tracing-subscriber` with the configured filter (`log.level`, or `RUST_LOG`
+//! when that is set: `config` resolves which).
 
 use std::io::IsTerminal;
 
@@ -6,18 +7,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. A bad filter falls back to `info` with a warning rather than
-/// refusing to start.
-pub fn init(level: &str, format: LogFormat) {
-    let (filter, bad) = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.trim().is_empty() => match EnvFilter::try_new(&env) {
-            Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("info"), Some(format!("RUST_LOG: {e}"))),
-        },
-        _ => match EnvFilter::try_new(level) {
-            Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("info"), Some(format!("log.level: {e}"))),
-        },
+/// Installs the global subscriber with `filter`, which came from `filter_from` (named in the
+/// warning if it is invalid). A bad filter falls back to `info` rather than refusing to start.
+pub fn init(filter: &str, filter_from: &str, format: LogFormat) {
+    let (filter, bad) = match EnvFilter::try_new(filter) {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new("info"), Some(format!("{filter_from}: {e}"))),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

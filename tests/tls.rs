@@ -179,5 +179,11 @@ fn a_file_that_is_not_a_certificate_stops_the_server_naming_the_key() {
     }
     let cfg = tmdb_proxy::Config::from_toml_str(&toml(&cert, &key)).unwrap();
     assert!(tmdb_proxy::server::Server::new(&cfg.server).is_ok());
+    // The key is read at load, but `check` (the config's Debug) shows only its path.
+    let shown = format!("{cfg:?}");
+    assert!(
+        shown.contains("key.pem") && !shown.contains("PRIVATE KEY"),
+        "{shown}"
+    );
     let _ = std::fs::remove_dir_all(&files.dir);
 }

@@ -27,7 +27,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tmdb_proxy::telemetry::init("info", tmdb_proxy::config::LogFormat::Text);
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    tmdb_proxy::telemetry::init(&filter, "RUST_LOG", tmdb_proxy::config::LogFormat::Text);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(error) => {

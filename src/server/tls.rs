@@ -1,5 +1,5 @@
-//! TLS on the client listener: the PEM files of `[server.tls]` turned into a rustls acceptor
-//! (ring provider, ALPN `h2` and `http/1.1`).
+//! TLS on the client listener: the PEM text of `[server.tls]` (read by `config`) turned into a
+//! rustls acceptor (ring provider, ALPN `h2` and `http/1.1`).
 //!
 //! Built once when the server is built, before it binds, so a bad certificate or key stops the
 //! proxy at start (exit 64) with the key to fix, like any other configuration error.
@@ -28,19 +28,21 @@ pub enum TlsError {
 /// The acceptor for `cfg`'s certificate chain and key.
 pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     let cert_error = |message: String| TlsError::Cert {
-        path: cfg.cert_file.display().to_string(),
+        path: cfg.cert.path.display().to_string(),
         message,
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
-        .and_then(Iterator::collect)
-        .map_err(|e| cert_error(e.to_string()))?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cfg.cert.text().as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| cert_error(e.to_string()))?;
     if certs.is_empty() {
         return Err(cert_error("holds no PEM certificate".to_owned()));
     }
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| TlsError::Key {
-        path: cfg.key_file.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(cfg.key.text().as_bytes()).map_err(|e| TlsError::Key {
+            path: cfg.key.path.display().to_string(),
+            message: e.to_string(),
+        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -88,13 +88,13 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, BuildError> 
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(system_roots = added, "loaded trust roots");
-    if let Some(path) = &cfg.ca_file {
+    if let Some(ca) = &cfg.ca {
         let ca_error = |message: String| BuildError::CaFile {
-            path: path.display().to_string(),
+            path: ca.path.display().to_string(),
             message,
         };
         let mut count = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(e.to_string()))? {
+        for cert in CertificateDer::pem_slice_iter(ca.text().as_bytes()) {
             let cert = cert.map_err(|e| ca_error(e.to_string()))?;
             roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
             count += 1;
