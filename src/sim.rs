@@ -220,7 +220,7 @@ impl SimBuilder {
         let addr = listener.local_addr()?;
         let stand_in = Arc::new(StandIn {
             cfg: self.cfg,
-            state: State::default(),
+            state: Arc::new(State::default()),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let tls = self.tls.map(tokio_rustls::TlsAcceptor::from);
@@ -231,6 +231,8 @@ impl SimBuilder {
             };
             accept::accept_until(&listener, "tmdb-sim", None, stopped, |stream, _, _| {
                 let (stand_in, tls) = (serving.clone(), tls.clone());
+                // Counted from the accept, TLS handshake included.
+                let open = stand_in.state.opened();
                 tokio::spawn(async move {
                     match tls {
                         Some(acceptor) => {
@@ -240,6 +242,7 @@ impl SimBuilder {
                         }
                         None => stand_in.serve(stream).await,
                     }
+                    drop(open);
                 });
             })
             .await;
@@ -262,11 +265,30 @@ struct State {
     accepted: AtomicUsize,
 }
 
+impl State {
+    /// Counts a connection as open (and accepted) until the returned guard drops.
+    fn opened(self: &Arc<Self>) -> OpenConnection {
+        let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_open.fetch_max(open, Ordering::SeqCst);
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(self.clone())
+    }
+}
+
+/// An open connection of the stand-in, counted until dropped.
+struct OpenConnection(Arc<State>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The stand-in's settings and what it has seen, shared by its connections.
 #[derive(Debug)]
 struct StandIn {
     cfg: SimConfig,
-    state: State,
+    state: Arc<State>,
 }
 
 /// A running stand-in. Dropping it stops the accept loop.
@@ -302,7 +324,11 @@ impl Sim {
         Arc::new(move || {
             let (client, server) = tokio::io::duplex(PIPE_BUFFER);
             let stand_in = stand_in.clone();
-            tokio::spawn(async move { stand_in.serve(server).await });
+            let open = stand_in.state.opened();
+            tokio::spawn(async move {
+                stand_in.serve(server).await;
+                drop(open);
+            });
             client
         })
     }
@@ -351,15 +377,11 @@ pub fn max_in_window(times: &[Instant], window: Duration) -> usize {
 // === impl StandIn ===
 
 impl StandIn {
-    /// Serves one connection, HTTP/1.1 or HTTP/2, counting it while it is open.
+    /// Serves one connection, HTTP/1.1 or HTTP/2.
     async fn serve<IO>(self: Arc<Self>, io: IO)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let state = &self.state;
-        let open = state.open.fetch_add(1, Ordering::SeqCst) + 1;
-        state.max_open.fetch_max(open, Ordering::SeqCst);
-        state.accepted.fetch_add(1, Ordering::SeqCst);
         let this = self.clone();
         let service = service_fn(move |req| {
             let this = this.clone();
@@ -368,7 +390,6 @@ impl StandIn {
         let _ = auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(io), service)
             .await;
-        self.state.open.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Records the request, then answers it; an `Err` closes the connection unanswered.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 use support::*;
 use tmdb_proxy::Config;
+use tmdb_proxy::server::reload;
 use tmdb_proxy::sim::{Sim, max_in_window};
 use tokio::net::TcpListener;
 
@@ -271,4 +272,42 @@ async fn reload_applies_a_lower_limit_on_an_open_keep_alive_connection() {
     );
     // The key with history keeps its bucket: two already spent, over the new limit.
     assert_eq!(conn.status_for_key("BEFORE").await, 429);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_with_broken_tls_files_is_refused_whole() {
+    let harness = InProcess::new(
+        "[limit]\nrequests_per_second = 5\nmode = \"reject\"\n",
+        sim().await,
+    );
+    let dir = std::env::temp_dir().join(format!("tmdb-proxy-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (junk, file) = (dir.join("junk.pem"), dir.join("tmdb-proxy.toml"));
+    std::fs::write(&junk, "not PEM\n").unwrap();
+    let lower = format!(
+        "[upstream]\nbase_url = \"{}\"\n[limit]\nrequests_per_second = 1\nmode = \"reject\"\n",
+        harness.sim.url()
+    );
+    let tls = format!(
+        "[server.tls]\ncert_file = \"{0}\"\nkey_file = \"{0}\"\n",
+        junk.display()
+    );
+    std::fs::write(&file, format!("{lower}{tls}")).unwrap();
+    let running = config("", &harness.sim.url());
+    let refused = reload::reload(&file, &harness.proxy, &running, "test");
+    assert!(
+        matches!(refused, Err(reload::ReloadError::Tls(_))),
+        "{refused:?}"
+    );
+    // Nothing of the file took effect: the limit is still 5.
+    for _ in 0..5 {
+        assert_eq!(harness.get("/3/movie/1?api_key=KEEP").await.status, 200);
+    }
+    assert_code_25(&harness.get("/3/movie/1?api_key=KEEP").await, 5);
+    // The same file without the broken section applies.
+    std::fs::write(&file, lower).unwrap();
+    reload::reload(&file, &harness.proxy, &running, "test").unwrap();
+    assert_eq!(harness.get("/3/movie/1?api_key=NEW").await.status, 200);
+    assert_code_25(&harness.get("/3/movie/1?api_key=NEW").await, 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,7 +27,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|filter| !filter.trim().is_empty())
+        .unwrap_or_else(|| "info".to_owned());
     tmdb_proxy::telemetry::init(&filter, "RUST_LOG", tmdb_proxy::config::LogFormat::Text);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,

@@ -225,26 +225,12 @@ impl Bucket {
 
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
     pub fn acquire(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
-        self.acquire_after(now, now, quota, max_wait)
-    }
-
-    /// Asks for a token at `now` or later, but not before `not_before`, waiting at most
-    /// `max_wait` from `now`: a request that already holds a slot for `not_before` in another
-    /// bucket (its key's) has no use for an earlier one in this (the global).
-    pub fn acquire_after(
-        &mut self,
-        now: Nanos,
-        not_before: Nanos,
-        quota: Quota,
-        max_wait: Nanos,
-    ) -> Decision {
         self.refill(now, quota);
         let now = match self.spent.last() {
             Some(&last) if last > now && last - now <= CLOCK_SKEW => last,
             _ => now,
         };
-        let floor = now.max(not_before);
-        if let Some(hole) = self.reusable_hole(floor, quota) {
+        if let Some(hole) = self.reusable_hole(now, quota) {
             if hole - now <= max_wait {
                 let p = self.spent.partition_point(|&e| e <= hole);
                 self.spent.insert(p, hole);
@@ -256,7 +242,7 @@ impl Bucket {
             }
             self.holes.get_or_insert_default().push(hole);
         }
-        let at = self.next_slot(floor, quota);
+        let at = self.next_slot(now, quota);
         if at - now > max_wait {
             return Decision::Deny {
                 in_window: u32::try_from(self.spent.len()).unwrap_or(u32::MAX),
@@ -503,27 +489,6 @@ mod tests {
             }
             now += 75 * MS;
         }
-    }
-
-    #[test]
-    fn a_slot_is_never_granted_before_not_before() {
-        let q = quota(5);
-        let mut b = Bucket::default();
-        // Tokens are free now, but the request cannot leave before 300 ms.
-        assert_eq!(
-            b.acquire_after(0, 300 * MS, q, SEC),
-            Decision::Admit {
-                at: 300 * MS,
-                remaining: 4,
-                next_free: 300 * MS
-            }
-        );
-        // Beyond the allowed wait it is refused, and nothing is recorded.
-        assert!(matches!(
-            b.acquire_after(0, 2 * SEC, q, SEC),
-            Decision::Deny { in_window: 1, .. }
-        ));
-        assert_eq!(b.held(), 1);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! What a budget is asked, in the order a request asks it:
 //! 1. [`Budget::acquire`]: a token for a key at `now` (and one from the global ceiling), or the
 //!    earliest slot within `max_wait`; else a [`Refusal`].
-//! 2. [`Budget::is_paused`]: after waiting for a queued slot, whether an upstream 429 paused the
-//!    key meanwhile (the request then queues again behind the pause).
+//! 2. [`Budget::resume`]: when a queued grant's turn comes. The budget checks that an upstream 429
+//!    did not pause the key meanwhile (the request then queues again behind the pause) and takes
+//!    what the grant still lacks: a queued request takes its global token only when its key's turn
+//!    comes, so waiting for one key never holds up the others at the ceiling.
 //! 3. [`Budget::confirm`]: at departure, with a ready upstream connection in hand: a stamp older
 //!    than the tolerance moves to `now` if every window still fits, since the guarantee is about
 //!    arrivals upstream. A refusal here means queue again.
@@ -45,8 +47,19 @@ pub trait Budget: Send + Sync + fmt::Debug {
         max_wait: Duration,
     ) -> Pending<'_, Result<Grant, Refusal>>;
 
-    /// Called just before the request leaves: moves stale stamps to `now` if they still fit.
-    /// On a refusal the grant's tokens are unchanged; the caller releases them and queues again.
+    /// Called when a queued grant's turn has come (`grant.at <= now`): refuses with
+    /// [`Reason::Paused`] if the key was paused meanwhile, else takes what the grant still lacks,
+    /// which may set `grant.at` later (the caller then waits again and calls again).
+    fn resume<'a>(
+        &'a self,
+        grant: &'a mut Grant,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Pending<'a, Result<(), Refusal>>;
+
+    /// Called just before the request leaves: moves stale stamps to `now` if they still fit. On a
+    /// refusal the grant still names every stamp it holds (some may have moved): the caller
+    /// releases them and queues again.
     fn confirm<'a>(
         &'a self,
         grant: &'a mut Grant,
@@ -55,9 +68,6 @@ pub trait Budget: Send + Sync + fmt::Debug {
 
     /// Gives back the tokens of a grant whose request never left.
     fn release(&self, grant: &Grant);
-
-    /// Whether `key` admits nothing at `at` because the upstream answered 429.
-    fn is_paused(&self, key: Key, at: Instant) -> bool;
 
     /// Admits nothing for `key` from `now` for `wait`. Returns whether the key was not paused
     /// already, so each pause is reported once.
@@ -108,11 +118,17 @@ pub struct Stamp {
 pub struct Grant {
     /// The key the request spends.
     pub key: Key,
-    /// When the request may leave: `now` when a token was free, a later slot when it queued.
+    /// When the request may leave, or its turn comes: `now` when a token was free, a later slot
+    /// when it queued.
     pub at: Instant,
+    /// Whether [`Budget::resume`] has something left to take when `at` comes.
+    pub pending: bool,
+    /// The limit of the budget whose turn `at` is (the key's or the global one), for a request
+    /// refused while it waits.
+    pub queue_limit: u32,
     /// The key's standing once this token is spent.
     pub rate: RateState,
-    /// What [`Budget::confirm`] and [`Budget::release`] act on.
+    /// What [`Budget::resume`], [`Budget::confirm`] and [`Budget::release`] act on.
     pub stamps: [Option<Stamp>; 2],
 }
 

@@ -1,7 +1,7 @@
 //! The local budget: every key's bucket in this process's memory.
 //!
-//! Each answer is decided at once under the key's shard lock (see `store`), so the futures of the
-//! [`Budget`] interface are always ready. Times cross the interface as `tokio::time::Instant`
+//! Each decision is made at once under one shard lock at a time (the key's, then the global
+//! bucket's; see `store`), so the futures of the [`Budget`] interface are always ready. Times cross the interface as `tokio::time::Instant`
 //! (paused in tests) and become nanoseconds since this budget's epoch inside, where the math is.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,45 +107,95 @@ impl LocalBudget {
         let mut grant = Grant {
             key,
             at: now,
+            pending: false,
+            queue_limit: quota.capacity,
             rate,
             stamps: [Some(Stamp { key, quota, at }), None],
         };
-        let mut leaves = at;
-        if let Some(global) = policy.global {
-            // No use for a global token before the key's own slot.
-            let decision = self.store.update(Key::GLOBAL, |bucket| {
-                bucket.acquire_after(t, at, global, max_wait)
-            });
-            match decision {
-                Decision::Admit { at: g, .. } => {
-                    grant.stamps[1] = Some(Stamp {
-                        key: Key::GLOBAL,
-                        quota: global,
-                        at: g,
-                    });
-                    leaves = leaves.max(g);
-                }
-                Decision::Deny {
-                    in_window,
-                    next_free,
-                } => {
-                    self.release(&grant);
-                    let wait = Duration::from_nanos(next_free.saturating_sub(t));
-                    let limit = global.capacity;
-                    return Err(Refusal::new(
-                        Reason::GlobalOverLimit,
-                        limit,
-                        in_window,
-                        wait,
-                    ));
-                }
-            }
-        }
         // A stamp within the clock skew of now is the present, not a queue to wait behind.
-        if leaves.saturating_sub(t) > CLOCK_SKEW {
-            grant.at = self.instant(leaves);
+        if at.saturating_sub(t) > CLOCK_SKEW {
+            // Queued for the key's turn: the global token is taken when that turn comes, so this
+            // request holds no place at the ceiling ahead of other keys' requests meanwhile.
+            grant.at = self.instant(at);
+            grant.pending = policy.global.is_some();
+            return Ok(grant);
+        }
+        if let Some(global) = policy.global
+            && let Err(refusal) = self.take_global_token(&mut grant, global, t, max_wait)
+        {
+            self.release(&grant);
+            return Err(refusal);
         }
         Ok(grant)
+    }
+
+    fn try_resume(
+        &self,
+        grant: &mut Grant,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<(), Refusal> {
+        let t = self.nanos(now);
+        let paused = self
+            .store
+            .update_existing(grant.key, |bucket| bucket.is_paused(t))
+            .unwrap_or(false);
+        if paused {
+            return Err(Refusal::new(
+                Reason::Paused,
+                grant.rate.limit,
+                0,
+                Duration::ZERO,
+            ));
+        }
+        if std::mem::take(&mut grant.pending)
+            && let Some(global) = self.policy.load().global
+        {
+            grant.at = now;
+            self.take_global_token(grant, global, t, nanos(max_wait))?;
+        }
+        Ok(())
+    }
+
+    /// A token of the global ceiling at `t`, or its slot within `max_wait` (then the grant's turn
+    /// is that slot).
+    fn take_global_token(
+        &self,
+        grant: &mut Grant,
+        global: Quota,
+        t: Nanos,
+        max_wait: Nanos,
+    ) -> Result<(), Refusal> {
+        let decision = self
+            .store
+            .update(Key::GLOBAL, |bucket| bucket.acquire(t, global, max_wait));
+        match decision {
+            Decision::Admit { at, .. } => {
+                grant.stamps[1] = Some(Stamp {
+                    key: Key::GLOBAL,
+                    quota: global,
+                    at,
+                });
+                if at.saturating_sub(t) > CLOCK_SKEW {
+                    grant.at = self.instant(at);
+                    grant.queue_limit = global.capacity;
+                }
+                Ok(())
+            }
+            Decision::Deny {
+                in_window,
+                next_free,
+            } => {
+                let wait = Duration::from_nanos(next_free.saturating_sub(t));
+                let limit = global.capacity;
+                Err(Refusal::new(
+                    Reason::GlobalOverLimit,
+                    limit,
+                    in_window,
+                    wait,
+                ))
+            }
+        }
     }
 
     /// The key's own token at `t` or its slot within `max_wait`, and its standing after it.
@@ -239,6 +289,15 @@ impl Budget for LocalBudget {
         Pending::ready(self.try_acquire(key, now, max_wait))
     }
 
+    fn resume<'a>(
+        &'a self,
+        grant: &'a mut Grant,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Pending<'a, Result<(), Refusal>> {
+        Pending::ready(self.try_resume(grant, now, max_wait))
+    }
+
     fn confirm<'a>(
         &'a self,
         grant: &'a mut Grant,
@@ -252,13 +311,6 @@ impl Budget for LocalBudget {
             self.store
                 .update_existing(stamp.key, |bucket| bucket.release(stamp.at));
         }
-    }
-
-    fn is_paused(&self, key: Key, at: Instant) -> bool {
-        let t = self.nanos(at);
-        self.store
-            .update_existing(key, |bucket| bucket.is_paused(t))
-            .unwrap_or(false)
     }
 
     fn pause(&self, key: Key, now: Instant, wait: Duration) -> bool {
@@ -382,7 +434,11 @@ mod tests {
             !b.pause(k, Instant::now(), Duration::from_secs(1)),
             "paused already"
         );
-        assert!(b.is_paused(k, Instant::now() + Duration::from_secs(1)));
+        let mut copy = grant.clone();
+        let refused = b
+            .try_resume(&mut copy, Instant::now(), Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(refused.reason, Reason::Paused);
         let refused = b.try_confirm(&mut grant, Instant::now()).unwrap_err();
         assert_eq!(refused.reason, Reason::Paused);
         b.release(&grant);
@@ -407,6 +463,59 @@ mod tests {
         );
         // The key's own token was given back: it still has four.
         assert_eq!(b.peek(a, Instant::now()).remaining, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_takes_its_global_token_when_its_turn_comes() {
+        let b = budget("[limit]\nrequests_per_second = 1\nglobal_requests_per_second = 2\n");
+        let (a, c) = (Key::of("a"), Key::of("c"));
+        let start = Instant::now();
+        acquire(&b, a, Duration::ZERO).unwrap();
+        // A's second request queues for its key's turn at 1.05 s, holding no global token yet.
+        let mut queued = acquire(&b, a, Duration::from_secs(2)).unwrap();
+        assert_eq!((queued.at, queued.pending), (start + 1050 * MS, true));
+        assert_eq!(queued.stamps[1], None);
+        // So another key is not held up at the ceiling meanwhile: the second global token is its.
+        let other = acquire(&b, c, Duration::ZERO).unwrap();
+        assert_eq!(other.at, start);
+        // At A's turn the ceiling's tokens are still out (until 1.05 s after 0): they come back
+        // right then, so the global token is taken at once.
+        tokio::time::advance(1050 * MS).await;
+        let now = Instant::now();
+        b.try_resume(&mut queued, now, Duration::from_secs(1))
+            .unwrap();
+        assert_eq!((queued.at, queued.pending), (now, false));
+        assert_eq!(queued.stamps[1].map(|s| s.key), Some(Key::GLOBAL));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_its_turn_a_request_may_queue_again_for_the_ceiling() {
+        let b = budget("[limit]\nrequests_per_second = 1\nglobal_requests_per_second = 1\n");
+        let (a, c) = (Key::of("a"), Key::of("c"));
+        let start = Instant::now();
+        acquire(&b, a, Duration::ZERO).unwrap();
+        let mut queued = acquire(&b, a, Duration::from_secs(3)).unwrap();
+        // Key C takes the ceiling's next token (at 1.05 s) first.
+        tokio::time::advance(MS).await;
+        let c_turn = acquire(&b, c, Duration::from_secs(3)).unwrap();
+        assert_eq!(c_turn.at, start + 1050 * MS);
+        // A's key turn comes at 1.05 s; its global turn is one window after C's.
+        tokio::time::advance(1049 * MS).await;
+        b.try_resume(&mut queued, Instant::now(), Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(queued.at, start + 2100 * MS);
+        assert_eq!(queued.queue_limit, 1);
+        assert!(!queued.pending);
+        // Without the wait for it, the ceiling refuses, naming its own limit.
+        let mut late = acquire(&b, a, Duration::from_secs(3)).unwrap();
+        tokio::time::advance(1050 * MS).await;
+        let refused = b
+            .try_resume(&mut late, Instant::now(), Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(
+            (refused.reason, refused.limit),
+            (Reason::GlobalOverLimit, 1)
+        );
     }
 
     #[tokio::test(start_paused = true)]

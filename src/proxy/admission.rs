@@ -112,8 +112,9 @@ impl Admission {
         }
     }
 
-    /// The request's token: at once, or after sleeping until its queued slot. `max_wait` counts
-    /// from `since`, the request's first try.
+    /// The request's token: at once, or after sleeping until its turn (perhaps more than once: a
+    /// queued request takes its global token when its key's turn comes, and may queue for that
+    /// too). `max_wait` counts from `since`, the request's first try.
     async fn token(
         &self,
         key: Key,
@@ -121,36 +122,68 @@ impl Admission {
         max_wait: Duration,
     ) -> Result<Held<'_>, Refusal> {
         let mut drained = self.drain.subscribe();
-        loop {
+        'queue: loop {
             let now = Instant::now();
-            let mut wait = max_wait.saturating_sub(now.saturating_duration_since(since));
-            if let Some(deadline) = *drained.borrow_and_update() {
-                wait = wait.min(deadline.saturating_duration_since(now));
-            }
-            let held = Held::new(&*self.budget, self.budget.acquire(key, now, wait).await?);
-            let at = held.grant.at;
-            if at <= now {
-                return Ok(held);
-            }
-            let _queued = Queued::enter(&self.queued);
-            let wake = tokio::time::sleep_until(at);
-            tokio::pin!(wake);
-            loop {
-                tokio::select! {
-                    () = &mut wake => break,
-                    changed = drained.changed() => {
-                        let cut = *drained.borrow_and_update();
-                        if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
-                            let wait = at.saturating_duration_since(Instant::now());
-                            return Err(Refusal::new(Reason::Draining, held.grant.rate.limit, 0, wait));
-                        }
-                    }
+            let wait = self.wait_left(&mut drained, since, max_wait, now);
+            let mut held = Held::new(&*self.budget, self.budget.acquire(key, now, wait).await?);
+            let mut due = held.grant.at <= now && !held.grant.pending;
+            while !due {
+                let grant = &held.grant;
+                self.sleep_until(&mut drained, grant.at, grant.queue_limit)
+                    .await?;
+                let now = Instant::now();
+                let wait = self.wait_left(&mut drained, since, max_wait, now);
+                match self.budget.resume(&mut held.grant, now, wait).await {
+                    Ok(()) => due = held.grant.at <= now && !held.grant.pending,
+                    // Paused by an upstream 429 while asleep: queue again behind the pause
+                    // (dropping `held` gives this turn back).
+                    Err(refusal) if refusal.reason == Reason::Paused => continue 'queue,
+                    Err(refusal) => return Err(refusal),
                 }
             }
-            // Paused by an upstream 429 while asleep: queue again behind the pause (dropping
-            // `held` gives this slot back).
-            if !self.budget.is_paused(key, at) {
-                return Ok(held);
+            return Ok(held);
+        }
+    }
+
+    /// What is left of `max_wait` at `now`, and never past the drain deadline.
+    fn wait_left(
+        &self,
+        drained: &mut watch::Receiver<Option<Instant>>,
+        since: Instant,
+        max_wait: Duration,
+        now: Instant,
+    ) -> Duration {
+        let wait = max_wait.saturating_sub(now.saturating_duration_since(since));
+        match *drained.borrow_and_update() {
+            Some(deadline) => wait.min(deadline.saturating_duration_since(now)),
+            None => wait,
+        }
+    }
+
+    /// Sleeps until a queued turn at `at`, counted in the queue gauge. A drain whose deadline
+    /// comes before `at` wakes it with a refusal (of the budget with `limit`) instead.
+    async fn sleep_until(
+        &self,
+        drained: &mut watch::Receiver<Option<Instant>>,
+        at: Instant,
+        limit: u32,
+    ) -> Result<(), Refusal> {
+        if at <= Instant::now() {
+            return Ok(());
+        }
+        let _queued = Queued::enter(&self.queued);
+        let wake = tokio::time::sleep_until(at);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                () = &mut wake => return Ok(()),
+                changed = drained.changed() => {
+                    let cut = *drained.borrow_and_update();
+                    if changed.is_err() || cut.is_some_and(|deadline| at > deadline) {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        return Err(Refusal::new(Reason::Draining, limit, 0, wait));
+                    }
+                }
             }
         }
     }

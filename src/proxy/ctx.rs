@@ -52,7 +52,7 @@ pub struct RequestCtx {
     pub key: Option<Key>,
     /// The key's standing as the client is told it, once a token was taken or refused.
     pub rate: Option<RateState>,
-    /// Time queued for a token.
+    /// Time queued for a token, from the request's first try (across any re-queue).
     pub waited: Duration,
     /// From sending upstream to the response headers, or to the failure.
     pub upstream_latency: Option<Duration>,

@@ -287,7 +287,9 @@ impl Proxy {
                     ProxyError::Upstream(_) => {
                         tracing::warn!(%method, %path, %error, "upstream request failed");
                     }
-                    ProxyError::RateLimited(_) => {}
+                    // Over a limit is routine: the request line says `limited`.
+                    ProxyError::RateLimited(refusal)
+                        if refusal.reason != Reason::UpstreamRateLimited => {}
                     _ => tracing::debug!(%method, %path, %error, "request refused"),
                 }
                 error.to_response().map(ProxyBody::full)

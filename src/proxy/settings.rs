@@ -50,9 +50,8 @@ impl Settings {
         let default_key = cfg.keys.default_api_key.clone();
         let rules = RequestRules {
             upstream: upstream.base().clone(),
-            default_key: default_key
-                .as_ref()
-                .map(|secret| budget_key(secret.expose())),
+            // Injected as `api_key`, so it spends its own budget, as a client's v3 key does.
+            default_key: default_key.as_ref().map(|secret| Key::of(secret.expose())),
             paths: cfg.upstream.paths.clone(),
             savers: cfg.quota_savers,
         };

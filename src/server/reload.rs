@@ -5,8 +5,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::config::Config;
+use super::tls::TlsError;
+use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
+use crate::upstream::BuildError;
 
 /// How often the file's modification time is checked.
 const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -56,7 +58,8 @@ pub async fn watch(path: PathBuf, proxy: Proxy, running: Config) {
         // Noted before reading, so an edit landing during the load is seen by the next poll.
         seen = modified(&path);
         changed_to = None;
-        reload(&path, &proxy, &running, reason);
+        // Logged either way; a refused reload changes nothing.
+        let _ = reload(&path, &proxy, &running, reason);
     }
 }
 
@@ -64,19 +67,32 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// Why a reload was refused; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Upstream(#[from] BuildError),
+}
+
 /// Loads, validates and applies `path` once, logging the outcome.
-pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config, reason: &str) {
-    let cfg = match Config::load(path) {
+pub fn reload(
+    path: &std::path::Path,
+    proxy: &Proxy,
+    running: &Config,
+    reason: &str,
+) -> Result<(), ReloadError> {
+    let applied = apply(path, proxy);
+    let cfg = match applied {
         Ok(cfg) => cfg,
         Err(error) => {
             tracing::error!(%reason, %error, "configuration reload refused; keeping the running configuration");
-            return;
+            return Err(error);
         }
     };
-    if let Err(error) = proxy.reload(&cfg) {
-        tracing::error!(%reason, %error, "configuration reload refused; keeping the running configuration");
-        return;
-    }
     for key in cfg.restart_required(running) {
         tracing::warn!(
             key,
@@ -90,4 +106,16 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config, reason: &
         global_requests_per_second = cfg.limit.global_requests_per_second.map(|r| r.get()),
         "configuration reloaded"
     );
+    Ok(())
+}
+
+/// Loads `path` and puts it in force, or changes nothing.
+fn apply(path: &std::path::Path, proxy: &Proxy) -> Result<Config, ReloadError> {
+    let cfg = Config::load(path)?;
+    // TLS files take effect only at a restart, but broken ones are refused now, not then.
+    if let Some(tls) = &cfg.server.tls {
+        super::tls::acceptor(tls)?;
+    }
+    proxy.reload(&cfg)?;
+    Ok(cfg)
 }

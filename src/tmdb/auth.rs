@@ -22,13 +22,22 @@ pub const BEARER_PREFIX: &str = "Bearer ";
 /// Longest JWT payload decoded, base64 included: TMDB's are a few hundred bytes.
 const MAX_JWT_PAYLOAD: usize = 8 * 1024;
 
-/// The credential a request presents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The credential a request presents. Its `Debug` names the kind only: the value is a secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Credential<'a> {
     /// A v3 key, from the `api_key` query parameter (decoded).
     ApiKey(&'a str),
     /// A token from `Authorization: Bearer`.
     Bearer(&'a str),
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ApiKey(_) => "Credential::ApiKey(<redacted>)",
+            Self::Bearer(_) => "Credential::Bearer(<redacted>)",
+        })
+    }
 }
 
 impl<'a> Credential<'a> {
@@ -39,10 +48,14 @@ impl<'a> Credential<'a> {
         }
     }
 
-    /// The account whose budget this credential spends: a v3 key is its own account; a read token
-    /// is its `aud` key's; any other bearer token is its own.
+    /// The account whose budget this credential spends: a v3 key is its own account, whatever it
+    /// looks like; a bearer token that is a read token is its `aud` key's; any other bearer token
+    /// is its own.
     pub fn account(&self) -> Cow<'a, str> {
-        account_of(self.as_sent())
+        match *self {
+            Self::ApiKey(key) => Cow::Borrowed(key),
+            Self::Bearer(token) => account_of(token),
+        }
     }
 }
 
@@ -157,6 +170,13 @@ mod tests {
         let found = credential(&query, &headers).unwrap();
         assert_eq!(found, Credential::Bearer(&token));
         assert_eq!(found.account(), "K1");
+        assert!(!format!("{found:?}").contains(&token));
+        // A query key is its own account, even one that looks like a read token.
+        let query = format!("api_key={token}");
+        let query = Query::parse(Some(&query));
+        let none = HeaderMap::new();
+        let as_key = credential(&query, &none).unwrap();
+        assert_eq!(as_key.account(), token.as_str());
         assert_eq!(account_of(&token), "K1");
         assert_eq!(account_of("K2"), "K2");
     }

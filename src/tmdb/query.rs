@@ -9,8 +9,8 @@ use std::borrow::Cow;
 
 use smallvec::SmallVec;
 
-/// One `name=value` pair of a query.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `name=value` pair of a query. (No `Debug`: a pair may be an API key.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct Pair<'a> {
     /// The pair as it stood in the query, undecoded.
     pub raw: &'a str,
@@ -20,11 +20,20 @@ pub struct Pair<'a> {
     pub value: Cow<'a, str>,
 }
 
-/// The pairs of a query string, in order. Empty pairs (`a=1&&b=2`) are skipped.
-#[derive(Debug, Clone, Default)]
+/// The pairs of a query string, in order. Empty pairs (`a=1&&b=2`) are skipped. Its `Debug`
+/// lists the names only: a value may be an API key.
+#[derive(Clone, Default)]
 pub struct Query<'a> {
     /// Inline for the usual TMDB request (a key, a language, a page, an append or two).
     pairs: SmallVec<[Pair<'a>; 8]>,
+}
+
+impl std::fmt::Debug for Query<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.pairs.iter().map(|pair| &*pair.name))
+            .finish()
+    }
 }
 
 impl<'a> Query<'a> {
@@ -90,6 +99,7 @@ mod tests {
             ]
         );
         assert!(Query::parse(None).pairs().is_empty());
+        assert_eq!(format!("{q:?}"), r#"["api_key", "query", "flag", "x"]"#);
         assert!(Query::parse(Some("&&")).pairs().is_empty());
     }
 
