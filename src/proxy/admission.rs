@@ -12,6 +12,8 @@
 //! # Queueing, departures, pauses and the drain
 //! - A request granted a future slot sleeps until it. A client that goes away meanwhile drops
 //!   this future, and its slot goes back to the budget for the next request to take.
+//! - With a global ceiling, a queued request takes its global token only when its key's turn
+//!   comes (and may queue for that too), so waiting for one key never holds others back.
 //! - If the upstream answered 429 for the key while the request slept and its slot falls inside
 //!   the pause, it queues again behind the pause.
 //! - An upstream 429 pauses the key for as long as the upstream asked (see
