@@ -79,12 +79,95 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The TOML (or an environment override) does not fit the schema.
+    /// An error in the file at `path`.
+    #[error("{}: {error}", path.display())]
+    In {
+        path: PathBuf,
+        error: Box<ConfigError>,
+    },
+    /// The file is not valid TOML. Only the position is reported, never the text: the line may
+    /// hold a secret.
+    #[error("invalid config: line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// The TOML (or an environment override) does not fit the schema. The message names the key
+    /// and what was expected, never the value given.
     #[error("invalid config: {0}")]
     Parse(String),
     /// A value parsed but is not acceptable.
     #[error("invalid config: `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+}
+
+/// What the `config` crate reports about `text`, without any value from the file or the
+/// environment: a key pasted into the wrong field, or a line that does not parse, must not reach a
+/// terminal or a log through the error meant to help fix it.
+fn describe(error: config::ConfigError, text: &str) -> ConfigError {
+    use config::ConfigError as E;
+    match error {
+        E::FileParse { cause, .. } => match cause.downcast_ref::<toml::de::Error>() {
+            Some(parse) => {
+                let at = parse.span().map_or(0, |span| span.start);
+                let before = text.get(..at).unwrap_or(text);
+                ConfigError::Syntax {
+                    line: before.matches('\n').count() + 1,
+                    column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                    message: scrub(parse.message()),
+                }
+            }
+            None => ConfigError::Parse("the file is not valid TOML".to_owned()),
+        },
+        E::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => {
+            // Its display is the kind, then the value (`string "..."`, `integer `5``): keep the kind.
+            let shown = unexpected.to_string();
+            let found = shown.split(' ').next().unwrap_or("value");
+            let key = key.map(|key| format!("`{key}`: ")).unwrap_or_default();
+            ConfigError::Parse(format!("{key}expected {expected}, found a {found}"))
+        }
+        E::At { error, key, .. } => match (describe(*error, text), key) {
+            (ConfigError::Parse(message), Some(key)) => {
+                ConfigError::Parse(format!("`{key}`: {message}"))
+            }
+            (described, _) => described,
+        },
+        other => ConfigError::Parse(scrub(&other.to_string())),
+    }
+}
+
+/// `message` with every value serde quotes (`string "..."`) replaced by what kind it was.
+fn scrub(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        let value = &rest[start + QUOTED.len()..];
+        // The value is printed escaped: its end is the first quote not preceded by a backslash.
+        let mut escaped = false;
+        let end = value.char_indices().find_map(|(i, c)| match (c, escaped) {
+            ('\\', false) => {
+                escaped = true;
+                None
+            }
+            ('"', false) => Some(i + 1),
+            _ => {
+                escaped = false;
+                None
+            }
+        });
+        rest = end.map_or("", |end| &value[end..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -192,7 +275,10 @@ struct RawUpstream {
 /// A list given as a TOML array, or as one comma-separated string (how an environment variable
 /// carries it: `TMDB_PROXY__UPSTREAM__PATHS=/3/,/4/`).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a list of strings, or one string of comma-separated items"
+)]
 enum StringList {
     List(Vec<String>),
     Joined(String),
@@ -496,7 +582,10 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut cfg = Self::from_toml_with_env(&text, None)?;
+        let mut cfg = Self::from_toml_with_env(&text, None).map_err(|error| ConfigError::In {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })?;
         // The usual override of a Rust program's log filter wins over the file.
         if let Ok(filter) = std::env::var("RUST_LOG")
             && !filter.trim().is_empty()
@@ -527,10 +616,8 @@ impl Config {
                     .source(env),
             )
             .build()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let raw: RawConfig = layered
-            .try_deserialize()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .map_err(|e| describe(e, text))?;
+        let raw: RawConfig = layered.try_deserialize().map_err(|e| describe(e, text))?;
         Self::validate(raw)
     }
 
@@ -618,15 +705,23 @@ fn validate_tls(raw: RawTls) -> Result<Option<TlsConfig>, ConfigError> {
     }))
 }
 
+/// `url` as an error may show it: any userinfo (`user:password@`) is redacted.
+fn shown_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}<redacted>{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     const KEY: &str = "upstream.base_url";
+    let shown = shown_url(&raw.base_url);
     let uri: Uri = raw.base_url.trim().parse().map_err(|e| {
         invalid(
             KEY,
-            format!(
-                "`{}` is not a URL ({e}); expected e.g. \"https://api.themoviedb.org\"",
-                raw.base_url
-            ),
+            format!("`{shown}` is not a URL ({e}); expected e.g. \"https://api.themoviedb.org\""),
         )
     })?;
     match uri.scheme_str() {
@@ -634,19 +729,26 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         _ => {
             return Err(invalid(
                 KEY,
-                format!("`{}` must start with http:// or https://", raw.base_url),
+                format!("`{shown}` must start with http:// or https://"),
             ));
         }
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(invalid(
+            KEY,
+            format!(
+                "`{shown}` carries a user name or password; give the upstream as scheme and host only"
+            ),
+        ));
+    }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(invalid(KEY, format!("`{}` has no host", raw.base_url)));
+        return Err(invalid(KEY, format!("`{shown}` has no host")));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(invalid(
             KEY,
             format!(
-                "`{}` must be scheme and host only (the client's path, e.g. /3/movie/550, is appended)",
-                raw.base_url
+                "`{shown}` must be scheme and host only (the client's path, e.g. /3/movie/550, is appended)"
             ),
         ));
     }
@@ -1008,6 +1110,10 @@ mod tests {
                 "upstream.base_url",
             ),
             (
+                "[upstream]\nbase_url = \"https://user:pass@h\"\n",
+                "`https://<redacted>@h` carries a user name or password",
+            ),
+            (
                 "[limit]\nrequests_per_second = 0\n",
                 "limit.requests_per_second",
             ),
@@ -1140,6 +1246,57 @@ mod tests {
                 "log",
                 "limit.sweep_interval"
             ]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_place_never_the_value() {
+        let secret = "SECRETKEY123";
+        let cases = [
+            (
+                format!("[keys]\ndefault_api_key = \"{secret}\n"),
+                "line 2, column 32",
+            ),
+            (
+                format!("[keys]\ndefault_api_key = {secret}\n"),
+                "line 2, column 19",
+            ),
+            (
+                format!("[keys]\ndefault_api_key = \"{secret}\"\ndefault_api_key = \"x\"\n"),
+                "line 3, column 1",
+            ),
+            (
+                format!("[limit]\nrequests_per_second = \"{secret}\"\n"),
+                "`limit.requests_per_second`: expected an integer, found a string",
+            ),
+            (
+                format!("[limit]\nmax_wait = \"{secret} \\\" s\"\n"),
+                "`limit.max_wait`: invalid value: a string, expected a duration",
+            ),
+            (
+                format!("[keys]\naliases = \"{secret}\"\n"),
+                "`keys.aliases`",
+            ),
+            (
+                format!("[[limit.overrides]]\nkey = \"{secret}\"\nrequests_per_second = \"x\"\n"),
+                "requests_per_second`: expected an integer",
+            ),
+            ("[upstream]\npaths = 5\n".to_owned(), "a list of strings"),
+        ];
+        for (toml, named) in cases {
+            let message = Config::from_toml_str(&toml).unwrap_err().to_string();
+            assert!(message.contains(named), "{toml:?} gave {message}");
+            assert!(!message.contains(secret), "{toml:?} gave {message}");
+        }
+        let message = Config::from_toml_with_env(
+            "",
+            env(&[("TMDB_PROXY__LIMIT__REQUESTS_PER_SECOND", secret)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            message.contains("limit.requests_per_second") && !message.contains(secret),
+            "{message}"
         );
     }
 
