@@ -58,6 +58,8 @@ pub struct Arrival {
     /// When its headers arrived.
     pub at: Instant,
     pub method: Method,
+    /// The request target as it arrived: origin-form (`/3/movie/550?...`) or absolute-form.
+    pub target: String,
     pub path: String,
     pub query: Option<String>,
     /// The `api_key` parameter, else the bearer token, as sent.
@@ -407,6 +409,7 @@ impl StandIn {
         lock(&self.state.arrivals).push(Arrival {
             at: now,
             method: parts.method.clone(),
+            target: parts.uri.to_string(),
             path: path.clone(),
             query: parts.uri.query().map(str::to_owned),
             credential: credential.clone(),

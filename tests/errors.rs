@@ -358,6 +358,9 @@ async fn paths_outside_the_api_are_404_code_34() {
         "/admin?api_key=P",
         "/5/movie/1?api_key=P",
         "/3/../internal?api_key=P",
+        "/3/movie%2f..%2f..%2finternal?api_key=P",
+        "/3/movie%5c550?api_key=P",
+        "/3/movie;jsessionid=1/550?api_key=P",
     ] {
         assert_tmdb(&get(&client, &proxy.url(path)).await, 404, 34);
     }

@@ -333,3 +333,86 @@ async fn idle_client_connections_are_closed_but_busy_ones_are_not() {
         .expect("the idle connection is closed");
     assert!(rest.is_ok());
 }
+
+#[tokio::test]
+async fn requests_reach_the_upstream_in_origin_form_with_its_host() {
+    let harness = InProcess::new("", sim().await);
+    assert_eq!(
+        harness.get("/3/movie/550?api_key=K&page=1").await.status,
+        200
+    );
+    let seen = &harness.sim.arrivals()[0];
+    assert_eq!(seen.target, "/3/movie/550?api_key=K&page=1");
+    assert_eq!(
+        seen.headers["host"],
+        harness.sim.addr().to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_credentials_are_refused_and_nothing_is_forwarded() {
+    let harness = InProcess::new("", sim().await);
+    let token = jwt_with_aud("REALKEY");
+    let bearer = format!("Bearer {token}");
+    // A decoy key charged while the real token would be honoured.
+    let decoy = harness
+        .get_with("/3/movie/1?api_key=DECOY", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(
+        (decoy.status.as_u16(), decoy.json()["status_code"].as_u64()),
+        (400, Some(47))
+    );
+    // A key hidden behind `;`, and two Authorization headers.
+    let hidden = harness.get("/3/movie/1?x=1;api_key=REALKEY").await;
+    assert_eq!(hidden.status, 400);
+    let twice = harness
+        .get_with(
+            "/3/movie/1",
+            &[
+                ("authorization", "Bearer one"),
+                ("authorization", "Bearer two"),
+            ],
+        )
+        .await;
+    assert_eq!(twice.status, 400);
+    assert_eq!(harness.sim.hits(), 0);
+    // The same account as key and token is not ambiguous.
+    let agreeing = harness
+        .get_with("/3/movie/1?api_key=REALKEY", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(agreeing.status, 200);
+}
+
+#[tokio::test]
+async fn an_injected_key_never_comes_back_in_a_redirect() {
+    let sim = sim_with(Sim::builder().respond(
+        "/3/moved",
+        301,
+        &[
+            (
+                "location",
+                "/3/movie/550?language=de&api_key=DEFAULTKEY0123",
+            ),
+            (
+                "content-location",
+                "http://example.test/3/x?api_key=DEFAULTKEY0123",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    let harness = InProcess::new("[keys]\ndefault_api_key = \"DEFAULTKEY0123\"\n", sim);
+    let reply = harness.get("/3/moved?language=de").await;
+    assert_eq!(reply.status, 301);
+    assert_eq!(reply.header("location"), Some("/3/movie/550?language=de"));
+    assert_eq!(
+        reply.header("content-location"),
+        Some("http://example.test/3/x")
+    );
+    assert!(!format!("{:?}", reply.headers).contains("DEFAULTKEY0123"));
+    // The upstream did get the key.
+    assert_eq!(
+        harness.sim.arrivals()[0].credential.as_deref(),
+        Some("DEFAULTKEY0123")
+    );
+}

@@ -39,7 +39,7 @@ use crate::upstream::{BoxError, BuildError, Dialer};
 use admission::Admission;
 pub use body::ProxyBody;
 pub use ctx::RequestCtx;
-use ctx::budget_key;
+use ctx::{Source, budget_key};
 use headers::X_REQUEST_ID;
 use settings::Settings;
 
@@ -237,11 +237,12 @@ impl Proxy {
             ctx.preflight = true;
             return Ok(phases::preflight(&parts.headers));
         }
-        // request_filter: never forwarded, whose budget, what TMDB would refuse. The query is
+        // request_filter: never forwarded, ambiguous, whose budget, what TMDB would refuse. The query is
         // split once, here, and read by every step that needs it.
         let (identity, target) = {
             let query = Query::parse(parts.uri.query());
             phases::check_target(&parts, &settings.rules)?;
+            phases::check_credentials(&query, &parts.headers)?;
             let identity = phases::identify(&parts.headers, &query, settings.rules.default_key)?;
             ctx.key = Some(identity.key);
             phases::check_query(&query, settings.rules.savers)?;
@@ -266,7 +267,11 @@ impl Proxy {
             let wait = headers::upstream_retry_after(response.headers());
             admission.upstream_refused(identity.key, wait, ctx)
         });
-        phases::response_filter(response, upstream_429, deadline).await
+        let mut response = phases::response_filter(response, upstream_429, deadline).await?;
+        if identity.source == Source::Default {
+            phases::strip_injected_key(response.headers_mut());
+        }
+        Ok(response)
     }
 
     /// The one exit: every request's answer gets its headers, metric and log line here.

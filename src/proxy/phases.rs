@@ -9,9 +9,12 @@
 use std::net::IpAddr;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST, HeaderValue};
+use http::header::{
+    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, HOST, HeaderValue,
+    LOCATION,
+};
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -95,13 +98,18 @@ pub fn identify(
     }
 }
 
-/// Refuses locally what TMDB is documented to refuse, so it spends neither a token nor an
-/// upstream request; and two different keys in one query (the proxy would bucket one while the
-/// upstream might honour the other, a way around the limit).
-pub fn check_query(query: &Query<'_>, savers: QuotaSavers) -> Result<(), ProxyError> {
-    if auth::has_conflicting_api_keys(query) {
-        return Err(ProxyError::Refused(status::code::INVALID_INPUT));
+/// Refuses ambiguous credentials with 400 code 47: the proxy would charge one account while the
+/// upstream might honour another, a way around the limit (see `tmdb::auth::is_ambiguous`).
+pub fn check_credentials(query: &Query<'_>, headers: &HeaderMap) -> Result<(), ProxyError> {
+    match auth::is_ambiguous(query, headers) {
+        true => Err(ProxyError::Refused(status::code::INVALID_INPUT)),
+        false => Ok(()),
     }
+}
+
+/// Refuses locally what TMDB is documented to refuse (the quota savers), so it spends neither a
+/// token nor an upstream request.
+pub fn check_query(query: &Query<'_>, savers: QuotaSavers) -> Result<(), ProxyError> {
     match rules::refused_query(query, savers) {
         Some(code) => Err(ProxyError::Refused(code)),
         None => Ok(()),
@@ -134,9 +142,9 @@ pub fn upstream_target(
     PathAndQuery::try_from(pq).ok()
 }
 
-/// Builds the upstream request: the upstream's URI and `Host`, `target` as path and query, no
-/// hop-by-hop headers, the client's address appended to `X-Forwarded-For`, HTTP/1.1 whatever the
-/// client spoke. The body streams through untouched.
+/// Builds the upstream request: `target` in origin-form (`GET /3/movie/550?... HTTP/1.1`) with
+/// the upstream's `Host`, no hop-by-hop headers, the client's address appended to
+/// `X-Forwarded-For`, HTTP/1.1 whatever the client spoke. The body streams through untouched.
 pub fn upstream_request<B>(
     mut parts: Parts,
     body: B,
@@ -148,27 +156,60 @@ where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    let uri = Uri::builder()
-        .scheme(upstream.scheme().cloned().unwrap_or(Scheme::HTTPS))
-        .authority(
-            upstream
-                .authority()
-                .cloned()
-                .unwrap_or_else(|| Authority::from_static("localhost")),
-        )
-        .path_and_query(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
-    parts.uri = uri.build().map_err(|_| ProxyError::ForeignTarget)?;
+    let target = target.unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(target);
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     restrict_accept_encoding(&mut parts.headers);
-    if let Some(authority) = upstream.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(HOST, host);
-    }
+    let host = upstream
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+        .ok_or(ProxyError::ForeignTarget)?;
+    parts.headers.insert(HOST, host);
     append_forwarded_for(&mut parts.headers, client_ip);
     let body = body.map_err(Into::into).boxed();
     Ok(Request::from_parts(parts, body))
+}
+
+/// Removes the injected default key from a redirect's `Location` and `Content-Location`, so it
+/// never comes back to a client that did not send it.
+pub fn strip_injected_key(headers: &mut HeaderMap) {
+    for name in [LOCATION, CONTENT_LOCATION] {
+        let rebuilt = headers
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(without_api_key);
+        if let Some(rebuilt) = rebuilt {
+            match HeaderValue::from_str(&rebuilt) {
+                Ok(value) => headers.insert(name, value),
+                Err(_) => headers.remove(name),
+            };
+        }
+    }
+}
+
+/// A URI reference without its `api_key` pairs, or `None` if it has none.
+fn without_api_key(reference: &str) -> Option<String> {
+    let (before, fragment) = match reference.split_once('#') {
+        Some((before, fragment)) => (before, Some(fragment)),
+        None => (reference, None),
+    };
+    let (path, query) = before.split_once('?')?;
+    let parsed = Query::parse(Some(query));
+    if !parsed.pairs().iter().any(|pair| pair.name == API_KEY_PARAM) {
+        return None;
+    }
+    let kept: Vec<&str> = parsed.raw_without(API_KEY_PARAM).collect();
+    let mut rebuilt = path.to_owned();
+    if !kept.is_empty() {
+        rebuilt.push('?');
+        rebuilt.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        rebuilt.push('#');
+        rebuilt.push_str(fragment);
+    }
+    Some(rebuilt)
 }
 
 /// Keeps only the content codings the proxy can read (gzip, deflate, identity) in
@@ -323,6 +364,7 @@ mod tests {
         let parts = parts(Request::get(target).body(()).unwrap());
         let query = Query::parse(parts.uri.query());
         check_target(&parts, &rules())?;
+        check_credentials(&query, &parts.headers)?;
         let identity = identify(&parts.headers, &query, None)?;
         check_query(&query, QuotaSavers::ALL)?;
         Ok(identity)
@@ -385,9 +427,10 @@ mod tests {
             "10.0.0.1".parse().unwrap(),
         )
         .unwrap();
+        // Origin-form, with the upstream's Host.
         assert_eq!(
             req.uri().to_string(),
-            "https://api.themoviedb.org/3/movie/550?language=en-US&api_key=D%2B1"
+            "/3/movie/550?language=en-US&api_key=D%2B1"
         );
         assert_eq!(req.headers()[HOST], "api.themoviedb.org");
         assert_eq!(req.headers()[X_FORWARDED_FOR], "10.0.0.1");
@@ -422,5 +465,30 @@ mod tests {
         assert_eq!(up.version(), Version::HTTP_11);
         assert_eq!(up.headers()[X_FORWARDED_FOR], "1.2.3.4, ::1");
         assert!(!up.headers().contains_key("connection"));
+    }
+
+    #[test]
+    fn an_injected_key_is_taken_out_of_redirects() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            LOCATION,
+            HeaderValue::from_static(
+                "https://api.themoviedb.org/3/movie/550?language=de&api_key=SECRET#x",
+            ),
+        );
+        h.insert(
+            CONTENT_LOCATION,
+            HeaderValue::from_static("/3/movie/550?api_key=SECRET"),
+        );
+        strip_injected_key(&mut h);
+        assert_eq!(
+            h[LOCATION],
+            "https://api.themoviedb.org/3/movie/550?language=de#x"
+        );
+        assert_eq!(h[CONTENT_LOCATION], "/3/movie/550");
+        let mut untouched = HeaderMap::new();
+        untouched.insert(LOCATION, HeaderValue::from_static("/3/movie/550?page=2"));
+        strip_injected_key(&mut untouched);
+        assert_eq!(untouched[LOCATION], "/3/movie/550?page=2");
     }
 }

@@ -67,13 +67,29 @@ pub fn credential<'a>(query: &'a Query<'_>, headers: &'a HeaderMap) -> Option<Cr
     bearer_token(headers).map(Credential::Bearer)
 }
 
-/// Whether a query names two or more different non-empty `api_key` values: the proxy would bucket
-/// one while the upstream might honour the other, a way around the limit.
-pub fn has_conflicting_api_keys(query: &Query<'_>) -> bool {
+/// Whether a request's credentials are ambiguous: the proxy would charge one account while the
+/// upstream might honour another, a way around the limit. That is two different `api_key`
+/// values; an `api_key` hidden behind a `;` (`x=1;api_key=K`, which some servers split on); more
+/// than one `Authorization` header; or a query key and a bearer token of different accounts.
+pub fn is_ambiguous(query: &Query<'_>, headers: &HeaderMap) -> bool {
     let mut keys = query.values(API_KEY_PARAM);
-    match keys.next() {
-        Some(first) => keys.any(|other| other != first),
-        None => false,
+    let first = keys.next();
+    if first.is_some_and(|first| keys.any(|other| other != first)) {
+        return true;
+    }
+    let hidden = query.pairs().iter().any(|pair| {
+        pair.raw.split(';').skip(1).any(|part| {
+            form_urlencoded::parse(part.as_bytes())
+                .next()
+                .is_some_and(|(name, _)| name == API_KEY_PARAM)
+        })
+    });
+    if hidden || headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return true;
+    }
+    match (first, bearer_token(headers)) {
+        (Some(key), Some(token)) => account_of(token) != key,
+        _ => false,
     }
 }
 
@@ -156,11 +172,26 @@ mod tests {
     }
 
     #[test]
-    fn conflicting_keys_are_spotted() {
-        let conflicting = |q| has_conflicting_api_keys(&Query::parse(Some(q)));
-        assert!(conflicting("api_key=A&api_key=B"));
-        assert!(!conflicting("api_key=A&api_key=A&api_key="));
-        assert!(!conflicting("page=1"));
+    fn ambiguous_credentials_are_spotted() {
+        let none = HeaderMap::new();
+        let ambiguous = |q, headers: &HeaderMap| is_ambiguous(&Query::parse(Some(q)), headers);
+        assert!(ambiguous("api_key=A&api_key=B", &none));
+        assert!(!ambiguous("api_key=A&api_key=A&api_key=", &none));
+        assert!(!ambiguous("page=1", &none));
+        // A key behind a `;`, which a server splitting on it would read as another parameter.
+        assert!(ambiguous("x=1;api_key=B", &none));
+        assert!(ambiguous("api_key=A;api_key=B", &none));
+        assert!(!ambiguous("query=a;b", &none));
+        // A query key and a token of another account; the same account is not ambiguous.
+        let token = jwt(r#"{"aud":"A"}"#);
+        assert!(!ambiguous("api_key=A", &bearer(&token)));
+        assert!(ambiguous("api_key=DECOY", &bearer(&token)));
+        assert!(ambiguous("api_key=DECOY", &bearer("opaque")));
+        assert!(!ambiguous("page=1", &bearer("opaque")));
+        // Two Authorization headers.
+        let mut two = bearer("one");
+        two.append(AUTHORIZATION, HeaderValue::from_static("Bearer two"));
+        assert!(ambiguous("page=1", &two));
     }
 
     #[test]

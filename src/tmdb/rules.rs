@@ -138,18 +138,24 @@ fn valid_date(value: &str) -> bool {
     )
 }
 
-/// Whether `path` falls under one of `prefixes` (an empty list allows every path). A path with a
-/// dot-segment (`/3/../x`, raw or percent-encoded) is never allowed when a list is set: the
-/// upstream could resolve it outside the list.
+/// Whether `path` falls under one of `prefixes` (an empty list allows every path). When a list is
+/// set, a path the upstream could resolve outside it is never allowed: one with a dot-segment
+/// (`/3/../x`, raw or percent-encoded), an encoded slash or backslash (`%2f`, `%5c`), a backslash,
+/// or a `;` (a path parameter some servers strip before routing). TMDB's paths have none of these.
 pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
     if prefixes.is_empty() {
         return true;
     }
-    let has_dot_segment = path.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+    let lower = path.to_ascii_lowercase();
+    let ambiguous = ["%2f", "%5c", "\\", ";"]
+        .iter()
+        .any(|needle| lower.contains(needle));
+    let has_dot_segment = lower.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".");
         decoded == "." || decoded == ".."
     });
-    !has_dot_segment
+    !ambiguous
+        && !has_dot_segment
         && prefixes
             .iter()
             .any(|prefix| path.starts_with(prefix.as_str()))
@@ -301,6 +307,17 @@ mod tests {
         assert!(!path_allowed("/5/x", &list));
         assert!(!path_allowed("/3/../admin", &list));
         assert!(!path_allowed("/3/%2e%2e/admin", &list));
+        assert!(!path_allowed("/3/%2E%2e/admin", &list));
+        for ambiguous in [
+            "/3/movie%2f..%2fadmin",
+            "/3/movie%2F550",
+            "/3/movie%5c550",
+            "/3/movie\\550",
+            "/3/movie;x=1/550",
+            "/3/..;/admin",
+        ] {
+            assert!(!path_allowed(ambiguous, &list), "{ambiguous}");
+        }
         assert!(path_allowed("/anything", &[]));
     }
 }
