@@ -49,6 +49,16 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on concurrent client connections.
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 10_000;
+/// Default cap on concurrent HTTP/2 streams per client connection: 128, as nginx's (hyper's own is
+/// 200). Each stream may hold a response buffered in memory.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Default most bytes of one upstream response body held in memory for a client that reads
+/// slower than the upstream sends: 8 MiB (TMDB's JSON is far smaller). Within it, the upstream
+/// connection is free as soon as the upstream is done.
+pub const DEFAULT_MAX_BUFFERED_BODY: u64 = 8 * 1024 * 1024;
+/// Default slowest a client may read a response whose body does not fit the buffer, in bytes per
+/// second: 64 KiB/s. Below it the upstream connection is closed and the response ends.
+pub const DEFAULT_MIN_DELIVERY_RATE: u64 = 64 * 1024;
 /// Default grace period for in-flight requests at shutdown: 10 s.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log filter (overridden by `RUST_LOG` when that is set).
@@ -236,6 +246,7 @@ struct RawServer {
     listen: String,
     tls: RawTls,
     max_connections: u32,
+    h2_max_concurrent_streams: u32,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -250,6 +261,7 @@ impl Default for RawServer {
             listen: DEFAULT_LISTEN.to_owned(),
             tls: RawTls::default(),
             max_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -270,6 +282,51 @@ struct RawUpstream {
     #[serde(with = "humantime_serde")]
     idle_timeout: Duration,
     paths: StringList,
+    max_buffered_body: ByteSize,
+    min_delivery_rate: ByteSize,
+}
+
+/// A number of bytes: a TOML integer, or a string with a unit (`"8MiB"`, `"512 KiB"`, `"64KB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a number of bytes, or a size such as \"8MiB\"")]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Bytes(n) => Ok(Self(n)),
+            Raw::Text(text) => parse_size(&text).map(Self).ok_or_else(|| {
+                serde::de::Error::custom(
+                    "expected a size such as \"8MiB\", \"512KiB\" or a number of bytes",
+                )
+            }),
+        }
+    }
+}
+
+/// `"8MiB"`, `"512 KiB"`, `"64KB"`, `"100"`: bytes, or `None` if it is not a size.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 /// A list given as a TOML array, or as one comma-separated string (how an environment variable
@@ -303,6 +360,8 @@ impl Default for RawUpstream {
             max_connections: DEFAULT_UPSTREAM_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             paths: StringList::List(DEFAULT_PATHS.iter().map(|p| (*p).to_owned()).collect()),
+            max_buffered_body: ByteSize(DEFAULT_MAX_BUFFERED_BODY),
+            min_delivery_rate: ByteSize(DEFAULT_MIN_DELIVERY_RATE),
         }
     }
 }
@@ -403,6 +462,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Concurrent client connections beyond this wait in the kernel's accept queue.
     pub max_connections: NonZeroU32,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub h2_max_concurrent_streams: NonZeroU32,
     /// A client that has not sent its request headers within this is disconnected.
     pub header_read_timeout: Duration,
     /// A connection with no bytes moving and no request in progress for this long is closed.
@@ -470,6 +531,12 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Path prefixes forwarded; anything else gets 404 (code 34). Empty: every path.
     pub paths: Vec<String>,
+    /// Most bytes of one response body held for a client slower than the upstream; within it the
+    /// upstream connection is released as soon as the upstream is done.
+    pub max_buffered_body: usize,
+    /// Slowest a client may read, in bytes per second, while a body that does not fit the buffer
+    /// holds its upstream connection.
+    pub min_delivery_rate: u64,
 }
 
 impl UpstreamConfig {
@@ -477,6 +544,8 @@ impl UpstreamConfig {
     /// `paths`, which only filters requests): a reload rebuilds the pool only when this is false.
     pub fn connects_like(&self, other: &Self) -> bool {
         self.base_url == other.base_url
+            && self.max_buffered_body == other.max_buffered_body
+            && self.min_delivery_rate == other.min_delivery_rate
             && self.ca == other.ca
             && self.connect_timeout == other.connect_timeout
             && self.request_timeout == other.request_timeout
@@ -680,6 +749,10 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
         listen: parse_listen("server.listen", &raw.listen)?,
         max_connections: non_zero("server.max_connections", raw.max_connections)?,
+        h2_max_concurrent_streams: non_zero(
+            "server.h2_max_concurrent_streams",
+            raw.h2_max_concurrent_streams,
+        )?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
         idle_timeout: positive("server.idle_timeout", raw.idle_timeout)?,
         shutdown_timeout: bounded("server.shutdown_timeout", raw.shutdown_timeout)?,
@@ -778,8 +851,29 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         request_timeout: positive("upstream.request_timeout", raw.request_timeout)?,
         max_connections: non_zero("upstream.max_connections", raw.max_connections)?,
         idle_timeout: positive("upstream.idle_timeout", raw.idle_timeout)?,
+        max_buffered_body: usize::try_from(raw.max_buffered_body.0)
+            .ok()
+            .filter(|&n| n >= MIN_BUFFERED_BODY)
+            .ok_or_else(|| {
+                invalid(
+                    "upstream.max_buffered_body",
+                    "must be at least 64KiB (and fit this machine's memory)",
+                )
+            })?,
+        min_delivery_rate: match raw.min_delivery_rate.0 {
+            0 => {
+                return Err(invalid(
+                    "upstream.min_delivery_rate",
+                    "must be at least 1 byte per second",
+                ));
+            }
+            rate => rate,
+        },
     })
 }
+
+/// Smallest accepted `max_buffered_body`: below it ordinary TMDB answers would stream.
+const MIN_BUFFERED_BODY: usize = 64 * 1024;
 
 fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, ConfigError> {
     const OVERRIDES: &str = "limit.overrides";
@@ -1298,6 +1392,42 @@ mod tests {
             message.contains("limit.requests_per_second") && !message.contains(secret),
             "{message}"
         );
+    }
+
+    #[test]
+    fn sizes_are_bytes_or_strings_with_a_unit() {
+        let cfg = Config::from_toml_str("").unwrap();
+        assert_eq!(cfg.upstream.max_buffered_body, 8 << 20);
+        assert_eq!(cfg.upstream.min_delivery_rate, 64 << 10);
+        assert_eq!(cfg.server.h2_max_concurrent_streams.get(), 128);
+        let cfg = Config::from_toml_with_env(
+            "[upstream]\nmax_buffered_body = \"16 MiB\"\nmin_delivery_rate = 1000\n",
+            env(&[("TMDB_PROXY__UPSTREAM__MIN_DELIVERY_RATE", "100KB")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.upstream.max_buffered_body, 16 << 20);
+        assert_eq!(cfg.upstream.min_delivery_rate, 100_000);
+        for (toml, key) in [
+            (
+                "[upstream]\nmax_buffered_body = \"8 parsecs\"\n",
+                "max_buffered_body",
+            ),
+            (
+                "[upstream]\nmax_buffered_body = 1024\n",
+                "upstream.max_buffered_body",
+            ),
+            (
+                "[upstream]\nmin_delivery_rate = 0\n",
+                "upstream.min_delivery_rate",
+            ),
+            (
+                "[server]\nh2_max_concurrent_streams = 0\n",
+                "server.h2_max_concurrent_streams",
+            ),
+        ] {
+            let message = Config::from_toml_str(toml).unwrap_err().to_string();
+            assert!(message.contains(key), "{toml:?} gave {message}");
+        }
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl Metrics {
         let broken_bodies = Counter::default();
         registry.register(
             "upstream_broken_bodies",
-            "Upstream response bodies that broke after their headers were sent on",
+            "Upstream response bodies that broke after their headers arrived",
             broken_bodies.clone(),
         );
         Self {

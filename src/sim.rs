@@ -13,7 +13,7 @@
 //!     .latency(Duration::from_millis(20))
 //!     .json("/3/movie/550", 200, r#"{"id":550}"#)
 //!     .stall("/3/slow")
-//!     .fault("/3/broken", Fault::BreakBody)
+//!     .fault("/3/broken", Fault::BreakBody { length: 100_000 })
 //!     .start()
 //!     .await?;
 //! # Ok(()) }
@@ -96,8 +96,9 @@ pub enum Route {
 pub enum Fault {
     /// Closes the connection without answering.
     Close,
-    /// Sends 200 headers with a `Content-Length` of 100,000 and a few bytes, then breaks the body.
-    BreakBody,
+    /// Sends 200 headers declaring a `Content-Length` of `length` and a few bytes, then breaks
+    /// the body.
+    BreakBody { length: u64 },
 }
 
 impl Route {
@@ -534,7 +535,7 @@ async fn route_response(route: &Route) -> Result<Response<SimBody>, io::Error> {
         Route::Fault(Fault::Close) => {
             return Err(io::Error::other("closing without an answer"));
         }
-        Route::Fault(Fault::BreakBody) => {
+        Route::Fault(Fault::BreakBody { length }) => {
             let mut response = Response::new(SimBody::Broken {
                 data: Some(Bytes::from_static(br#"{"id":1,"#)),
                 flushed: false,
@@ -544,7 +545,7 @@ async fn route_response(route: &Route) -> Result<Response<SimBody>, io::Error> {
                 "content-type",
                 HeaderValue::from_static(status::CONTENT_TYPE),
             );
-            headers.insert("content-length", HeaderValue::from_static("100000"));
+            headers.insert("content-length", HeaderValue::from(*length));
             response
         }
     };

@@ -265,8 +265,10 @@ async fn connect_beyond_connect_timeout_is_504_code_24() {
 }
 
 #[tokio::test]
-async fn body_broken_after_headers_closes_the_connection_without_a_second_response() {
-    let sim = sim_with(Sim::builder().fault("/3/movie/1", Fault::BreakBody)).await;
+async fn a_large_body_broken_after_its_headers_closes_the_connection_without_a_second_response() {
+    // Over 256 KiB declared: the headers are passed on at once and the body streams.
+    let sim =
+        sim_with(Sim::builder().fault("/3/movie/1", Fault::BreakBody { length: 1_000_000 })).await;
     let url = sim.url();
     let proxy = spawn_proxy("", &url).await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
@@ -293,6 +295,21 @@ async fn body_broken_after_headers_closes_the_connection_without_a_second_respon
         .await,
         "the break is counted"
     );
+}
+
+#[tokio::test]
+async fn a_short_body_broken_before_anything_was_passed_on_is_502_code_43() {
+    // A body of a declared 100,000 bytes is read whole before the answer goes out, so its break
+    // can still be answered with a TMDB body.
+    let sim =
+        sim_with(Sim::builder().fault("/3/movie/1", Fault::BreakBody { length: 100_000 })).await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    assert_tmdb(
+        &get(&http1_client(), &proxy.url("/3/movie/1?api_key=BROKEN")).await,
+        502,
+        43,
+    );
+    assert_eq!(proxy.proxy.broken_upstream_bodies(), 1);
 }
 
 #[tokio::test]

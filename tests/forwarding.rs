@@ -416,3 +416,152 @@ async fn an_injected_key_never_comes_back_in_a_redirect() {
         Some("DEFAULTKEY0123")
     );
 }
+
+/// A GET answered with headers whose body is left unread for as long as the test holds it.
+async fn unread(
+    proxy: &tmdb_proxy::Proxy,
+    path: &str,
+) -> http::Response<tmdb_proxy::proxy::ProxyBody> {
+    let req = Request::get(path).body(Empty::<Bytes>::new()).unwrap();
+    proxy.handle(req, IN_PROCESS_CLIENT.parse().unwrap()).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_does_not_hold_the_upstream_connection() {
+    // 1 MiB: streamed, but within the 8 MiB buffer.
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 16, None)).await;
+    let harness = InProcess::new(
+        "[upstream]\nmax_connections = 1\nrequest_timeout = \"1h\"\n",
+        sim,
+    );
+    let start = tokio::time::Instant::now();
+    let held = unread(&harness.proxy, "/3/big?api_key=SLOW").await;
+    assert_eq!(held.status(), 200);
+    // The whole body is read into memory, and the one upstream connection is free again at once.
+    for id in 1..=3 {
+        let reply = harness.get(&format!("/3/movie/{id}?api_key=OTHER")).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(harness.sim.max_open_connections(), 1);
+    // The slow client still gets every byte when it reads.
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 1 << 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_larger_than_the_buffer_is_cut_when_its_client_stops_reading() {
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 16, None)).await;
+    let harness = InProcess::new(
+        "[upstream]\nmax_connections = 1\nrequest_timeout = \"1h\"\nmax_buffered_body = \"64KiB\"\n",
+        sim,
+    );
+    let start = tokio::time::Instant::now();
+    let held = unread(&harness.proxy, "/3/big?api_key=SLOW").await;
+    assert_eq!(held.status(), 200);
+    // The buffer is full and the client takes nothing: after 5 s the upstream connection is
+    // closed, and the request waiting for it goes.
+    let other = harness.get("/3/movie/1?api_key=OTHER").await;
+    assert_eq!(other.status, 200);
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    // The slow client's response ends with an error after what was buffered.
+    let mut body = held.into_body();
+    let mut received = 0;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => received += frame.into_data().map_or(0, |d| d.len()),
+            Some(Err(_)) => break,
+            None => panic!("the body should end with an error, not complete"),
+        }
+    }
+    // What the buffer held: whole chunks, never more than its 64 KiB.
+    assert!(received > 0 && received <= 64 * 1024, "{received}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_reading_steadily_is_never_cut() {
+    // 12 MiB through a 1 MiB buffer, read at 640 KiB/s (64 KiB every 100 ms).
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 192, None)).await;
+    let harness = InProcess::new(
+        "[upstream]\nrequest_timeout = \"1h\"\nmax_buffered_body = \"1MiB\"\n",
+        sim,
+    );
+    let mut body = unread(&harness.proxy, "/3/big?api_key=STEADY")
+        .await
+        .into_body();
+    let mut received = 0;
+    while let Some(frame) = body.frame().await {
+        received += frame.expect("never cut").into_data().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(received, 12 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_with_a_zero_window_starve_no_one() {
+    let sim = sim().await;
+    let proxy = spawn_proxy(
+        "[upstream]\nmax_connections = 2\nrequest_timeout = \"30s\"\n",
+        &sim.url(),
+    )
+    .await;
+    // A client that announces a zero window: it gets headers, never a byte of body.
+    let stingy = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(0)
+        .build_http::<Empty<Bytes>>();
+    let mut held = Vec::new();
+    for id in 0..10 {
+        let req = Request::get(proxy.url(&format!("/3/movie/{id}?api_key=STINGY")))
+            .body(Empty::new())
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), stingy.request(req))
+            .await
+            .expect("headers arrive")
+            .unwrap();
+        held.push(response);
+    }
+    // Everyone else is served as usual, over the same two upstream connections.
+    let client = http1_client();
+    for id in 0..10 {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(&client, &proxy.url(&format!("/3/movie/{id}?api_key=OTHER"))),
+        )
+        .await
+        .expect("served while the stingy client holds its streams");
+        assert_eq!(reply.status, 200);
+    }
+    assert!(
+        sim.max_open_connections() <= 2,
+        "{}",
+        sim.max_open_connections()
+    );
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_never_reads_a_large_body_starves_no_one() {
+    // 4 MiB with a declared length: more than the kernel's socket buffers hold.
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 64, None)).await;
+    let proxy = spawn_proxy(
+        "[upstream]\nmax_connections = 1\nrequest_timeout = \"30s\"\n",
+        &sim.url(),
+    )
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /3/big?api_key=STALLED HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // It never reads. Another client still gets the one upstream connection.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        get(&http1_client(), &proxy.url("/3/movie/1?api_key=OTHER")),
+    )
+    .await
+    .expect("served while the stalled client holds its response");
+    assert_eq!(reply.status, 200);
+    assert_eq!(sim.max_open_connections(), 1);
+    drop(stalled);
+}

@@ -1,21 +1,61 @@
-//! The response body type: either bytes the proxy wrote itself or the upstream's body, streamed.
+//! The response body type, and how an upstream body reaches the client without pinning the
+//! upstream connection it came on.
 //!
-//! An enum rather than a boxed trait object, so neither path allocates for the body wrapper.
+//! A client reads at its own pace (an HTTP/2 client can announce a zero window and never read),
+//! but the connection its answer arrives on is one of `upstream.max_connections`. So the upstream
+//! body is read as fast as the upstream sends it, into memory, up to `upstream.max_buffered_body`,
+//! and the connection goes back to the pool the moment the upstream is done, whatever the client
+//! does:
+//! - a body whose declared length is at most [`INLINE_BODY`] (most TMDB answers) is read before the
+//!   headers are passed on, in the request's own task;
+//! - a longer one, or one of unknown length, is read by a task of its own (the pump) while the
+//!   client drains it.
+//!
+//! A body larger than the buffer holds its connection while the client reads. If the buffer stays
+//! full and the client takes less than `upstream.min_delivery_rate` bytes per second over
+//! [`RATE_WINDOW`], the upstream connection is closed and the client's response ends (its
+//! connection is closed, as for an upstream body broken mid-stream). An upstream that sends no
+//! body bytes for `upstream.request_timeout` is treated the same way.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use crate::upstream::LeasedBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::upstream::{BoxError, LeasedBody, UpstreamError};
+
+/// Bodies declaring at most this many bytes are read whole before the answer is passed on: 256 KiB.
+pub const INLINE_BODY: u64 = 256 * 1024;
+
+/// How long the buffer may stay full before the client's pace is judged: 5 s.
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// How an upstream body is held for its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Most bytes held in memory for one response.
+    pub max_buffered: usize,
+    /// Slowest the client may read while the buffer is full, bytes per second.
+    pub min_rate: u64,
+    /// Longest the upstream may go without sending body bytes.
+    pub frame_timeout: Duration,
+}
 
 /// A client response body.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// A body the proxy wrote (a TMDB status body); `None` once sent.
+    /// A body held whole: written by the proxy, or read from the upstream before the headers
+    /// were passed on. `None` once sent.
     Full(Option<Bytes>),
-    /// The upstream's body, passed through frame by frame.
-    Upstream(LeasedBody),
+    /// An upstream body the pump is reading into memory while the client drains it.
+    Pumped(Pumped),
 }
 
 impl ProxyBody {
@@ -25,30 +65,150 @@ impl ProxyBody {
     }
 }
 
-impl From<LeasedBody> for ProxyBody {
-    fn from(body: LeasedBody) -> Self {
-        Self::Upstream(body)
+/// Reads `body` for its client as the module doc says. An error means the upstream failed before
+/// anything was passed on, so the client can still get a TMDB answer.
+pub async fn deliver(
+    body: LeasedBody,
+    delivery: Delivery,
+    deadline: Instant,
+) -> Result<ProxyBody, UpstreamError> {
+    let hint = body.size_hint();
+    if let Some(length) = hint.exact().filter(|&length| length <= INLINE_BODY) {
+        let limit = usize::try_from(length).unwrap_or(usize::MAX);
+        return match body.read_bounded(limit, deadline).await? {
+            Some(bytes) => Ok(ProxyBody::full(bytes)),
+            None => Err(UpstreamError::Failed(
+                "body longer than its Content-Length".into(),
+            )),
+        };
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let space = Arc::new(Semaphore::new(delivery.max_buffered));
+    let delivered = Arc::new(AtomicU64::new(0));
+    tokio::spawn(pump(body, tx, space.clone(), delivered.clone(), delivery));
+    Ok(ProxyBody::Pumped(Pumped {
+        rx,
+        space,
+        delivered,
+        max_chunk: delivery.max_buffered,
+        hint,
+        done: false,
+    }))
+}
+
+/// Reads `body` into the buffer as fast as the upstream sends it, while there is room. Ends, and
+/// with it the upstream exchange, when the body ends, breaks, stalls, or its client is gone or
+/// too slow.
+async fn pump(
+    mut body: LeasedBody,
+    tx: mpsc::UnboundedSender<Result<Bytes, BoxError>>,
+    space: Arc<Semaphore>,
+    delivered: Arc<AtomicU64>,
+    delivery: Delivery,
+) {
+    let mut judged_at = 0;
+    loop {
+        let frame = match tokio::time::timeout(delivery.frame_timeout, body.frame()).await {
+            // The body ended: dropping it hands the connection back to the pool.
+            Ok(None) => return,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(error))) => {
+                let _ = tx.send(Err(error.into()));
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?delivery.frame_timeout, "upstream body stalled; closing its connection");
+                let _ = tx.send(Err("upstream body stalled".into()));
+                return;
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let room = u32::try_from(data.len().min(delivery.max_buffered)).unwrap_or(u32::MAX);
+        loop {
+            match tokio::time::timeout(RATE_WINDOW, space.acquire_many(room)).await {
+                Ok(Ok(permit)) => {
+                    permit.forget();
+                    break;
+                }
+                // The client is gone (its body dropped): the exchange ends half-read, and its
+                // connection is closed rather than reused.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let now = delivered.load(Ordering::Relaxed);
+                    let floor = delivery.min_rate.saturating_mul(RATE_WINDOW.as_secs());
+                    if now - judged_at < floor {
+                        tracing::warn!(
+                            delivered_bytes = now - judged_at,
+                            window = ?RATE_WINDOW,
+                            "client reads a large body too slowly; closing its upstream connection"
+                        );
+                        let _ = tx.send(Err("client read too slowly".into()));
+                        return;
+                    }
+                    judged_at = now;
+                }
+            }
+        }
+        if tx.send(Ok(data)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The client side of a pumped body.
+#[derive(Debug)]
+pub struct Pumped {
+    rx: mpsc::UnboundedReceiver<Result<Bytes, BoxError>>,
+    /// Free bytes of the buffer; each chunk taken gives its bytes back.
+    space: Arc<Semaphore>,
+    /// Bytes the client has taken, for the pump's judgement of its pace.
+    delivered: Arc<AtomicU64>,
+    max_chunk: usize,
+    hint: SizeHint,
+    done: bool,
+}
+
+impl Drop for Pumped {
+    fn drop(&mut self) {
+        // Wakes a pump waiting for room, so it ends the exchange.
+        self.space.close();
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Self::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Self::Pumped(pumped) => match pumped.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    pumped.space.add_permits(data.len().min(pumped.max_chunk));
+                    pumped
+                        .delivered
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => {
+                    pumped.done = true;
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(data) => data.is_none(),
-            Self::Upstream(body) => body.is_end_stream(),
+            Self::Pumped(pumped) => pumped.done,
         }
     }
 
@@ -56,7 +216,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
-            Self::Upstream(body) => body.size_hint(),
+            Self::Pumped(pumped) => pumped.hint,
         }
     }
 }

@@ -267,7 +267,9 @@ impl Proxy {
             let wait = headers::upstream_retry_after(response.headers());
             admission.upstream_refused(identity.key, wait, ctx)
         });
-        let mut response = phases::response_filter(response, upstream_429, deadline).await?;
+        let delivery = settings.delivery;
+        let mut response =
+            phases::response_filter(response, upstream_429, delivery, deadline).await?;
         if identity.source == Source::Default {
             phases::strip_injected_key(response.headers_mut());
         }

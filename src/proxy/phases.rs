@@ -20,7 +20,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::body::ProxyBody;
+use super::body::{self, Delivery, ProxyBody};
 use super::ctx::{Identity, Source};
 use super::headers::{self, X_FORWARDED_FOR, strip_hop_by_hop};
 use crate::config::{QuotaSavers, Secret};
@@ -261,19 +261,22 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Cleans the upstream response for the client.
 ///
-/// Success and redirect responses stream through untouched (compressed bodies included). For an
+/// Success and redirect bodies pass through untouched (compressed ones included), held for the
+/// client so the upstream connection is free as soon as the upstream is done (see `body`). For an
 /// error status the body is read (up to 64 KiB, by `deadline`): a TMDB JSON body passes through
 /// byte for byte; anything else becomes TMDB's body for the matching code, with a status the
 /// client can act on. `upstream_429` is the refusal to show for a 429 whose body is not TMDB's.
 pub async fn response_filter(
     response: Response<LeasedBody>,
     upstream_429: Option<Refusal>,
+    delivery: Delivery,
     deadline: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if parts.status.as_u16() < 400 {
-        return Ok(Response::from_parts(parts, ProxyBody::from(body)));
+        let body = body::deliver(body, delivery, deadline).await?;
+        return Ok(Response::from_parts(parts, body));
     }
     let bytes = body.read_bounded(MAX_ERROR_BODY, deadline).await?;
     // Whether the body is TMDB's, and if not, the code it maps to.

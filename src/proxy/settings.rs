@@ -10,6 +10,7 @@ use crate::config::{Config, Secret, UpstreamConfig};
 use crate::limiter::Key;
 use crate::upstream::{BuildError, Dialer, Upstream};
 
+use super::body::Delivery;
 use super::ctx::budget_key;
 use super::phases::RequestRules;
 
@@ -23,6 +24,8 @@ pub(super) struct Settings {
     /// Longest a request may queue for a token (zero in reject mode).
     pub(super) max_wait: Duration,
     pub(super) legacy_headers: bool,
+    /// How upstream bodies are held for their clients.
+    pub(super) delivery: Delivery,
     /// The key injected into requests that carry none.
     pub(super) default_key: Option<Secret>,
     /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
@@ -67,6 +70,11 @@ impl Settings {
             rules,
             max_wait: cfg.limit.max_wait,
             legacy_headers: cfg.limit.legacy_headers,
+            delivery: Delivery {
+                max_buffered: cfg.upstream.max_buffered_body,
+                min_rate: cfg.upstream.min_delivery_rate,
+                frame_timeout: cfg.upstream.request_timeout,
+            },
             default_key,
             aliases,
         })

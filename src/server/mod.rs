@@ -68,7 +68,10 @@ impl Server {
             .header_read_timeout(cfg.header_read_timeout);
         // HTTP/2 gets no keep-alive pings: a peer that is gone, or idle, is closed by the idle
         // timeout instead (pings would count as activity and keep idle connections open).
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.h2_max_concurrent_streams.get());
         let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
         Ok(Self {
             cfg: cfg.clone(),

@@ -326,14 +326,13 @@ impl Body for LeasedBody {
                 }
             }
             Poll::Ready(Some(Err(error))) => {
-                // The client already has the headers, so it cannot get an error response: its
-                // connection is closed instead (hyper aborts it). The upstream connection is not
-                // reused.
+                // The upstream connection is not reused. A client that already has the headers
+                // cannot get an error response: its connection is closed (hyper aborts it).
                 if let Some(lease) = this.lease.take() {
                     if let Some(pool) = lease.pool.upgrade() {
                         pool.broken_bodies.fetch_add(1, Ordering::Relaxed);
                     }
-                    tracing::warn!(error = %chain(error), "upstream response body broke mid-stream; closing the client connection");
+                    tracing::warn!(error = %chain(error), "upstream response body broke mid-stream");
                 }
             }
             _ => {}
