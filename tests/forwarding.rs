@@ -565,3 +565,45 @@ async fn an_http1_client_that_never_reads_a_large_body_starves_no_one() {
     assert_eq!(sim.max_open_connections(), 1);
     drop(stalled);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timeout_never_cuts_a_response_still_in_progress() {
+    // 320 KiB, streamed: the first 64 KiB, then nothing until the gate opens a second later, far
+    // past the 300 ms idle timeout. No bytes move meanwhile, but the response is in progress.
+    let gate = Arc::new(Notify::new());
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 5, Some(gate.clone()))).await;
+    let cfg = config(
+        "[server]\nidle_timeout = \"300ms\"\n[upstream]\nrequest_timeout = \"1h\"\n",
+        &sim.url(),
+    );
+    let proxy = tmdb_proxy::Proxy::in_memory(&cfg, sim.dialer()).unwrap();
+    let server = tmdb_proxy::server::Server::new(&cfg.server).unwrap();
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let peer = IN_PROCESS_CLIENT.parse().unwrap();
+    let serving = tokio::spawn(async move { server.serve_io(server_io, peer, proxy).await });
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+        hyper_util::rt::TokioIo::new(client_io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/3/big?api_key=READER")
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    let mut received = first.into_data().map_or(0, |d| d.len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.notify_one();
+    while let Some(frame) = body.frame().await {
+        received += frame.expect("not cut").into_data().map_or(0, |d| d.len());
+    }
+    assert_eq!(received, 5 * 64 * 1024);
+    // Answered, the connection is idle: it is closed exactly one idle timeout later.
+    let answered = tokio::time::Instant::now();
+    let result = serving.await.unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(answered.elapsed(), Duration::from_millis(300));
+    drop(sender);
+}

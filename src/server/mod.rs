@@ -143,7 +143,7 @@ impl Server {
         let _slot = permit;
         let _counted = ConnectionGauge::new(&proxy);
         let served = match &self.tls {
-            None => self.serve(stream, peer, proxy, watcher).await,
+            None => self.serve(stream, peer, proxy, Some(watcher)).await,
             Some(acceptor) => {
                 let handshake =
                     tokio::time::timeout(self.cfg.header_read_timeout, acceptor.accept(stream));
@@ -164,7 +164,7 @@ impl Server {
                         return;
                     }
                 };
-                self.serve(stream, peer, proxy, watcher).await
+                self.serve(stream, peer, proxy, Some(watcher)).await
             }
         };
         if let Err(error) = served {
@@ -173,13 +173,15 @@ impl Server {
     }
 
     /// Serves HTTP on one connection, plain or TLS: HTTP/1.1 or HTTP/2 as the client speaks, over
-    /// IO that ends the connection once idle, watched for graceful shutdown.
+    /// IO that ends the connection once idle, watched for graceful shutdown (when a `watcher` is
+    /// given). A request counts as in progress until its response body has ended, so the idle
+    /// timeout never cuts a client that is still being answered.
     async fn serve<IO>(
         &self,
         io: IO,
         peer: SocketAddr,
         proxy: Proxy,
-        watcher: Watcher,
+        watcher: Option<Watcher>,
     ) -> Result<(), BoxError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -191,12 +193,23 @@ impl Server {
             let busy = requests.enter();
             async move {
                 let response = proxy.handle(req, peer).await;
-                drop(busy);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|body| idle::Tracked::new(body, busy)))
             }
         });
         let io = idle::IdleTimeout::new(io, self.cfg.idle_timeout, in_flight);
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
-        watcher.watch(conn.into_owned()).await
+        match watcher {
+            Some(watcher) => watcher.watch(conn.into_owned()).await,
+            None => conn.await,
+        }
+    }
+
+    /// Serves one client connection over `io` (any byte stream, e.g. an in-memory pipe in a test
+    /// on paused time) until it closes, as an accepted connection is served, without a shutdown.
+    pub async fn serve_io<IO>(&self, io: IO, peer: SocketAddr, proxy: Proxy) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve(io, peer, proxy, None).await
     }
 }
