@@ -6,34 +6,68 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+use crate::config::ServerConfig;
 use crate::metrics;
 use crate::proxy::Proxy;
-use crate::server::accept;
+use crate::server::{accept, idle};
 
-/// Serves the admin endpoints until `shutdown` completes.
-pub async fn run(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
-    accept::accept_until(&listener, "admin", None, shutdown, |stream, _, _| {
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(answer(&proxy, &req)) }
+/// Most admin connections open at once: probes and scrapes need a handful. More wait in the
+/// kernel's accept queue, so a flood of idle admin connections cannot use up the process's file
+/// descriptors and stop the client listener.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves the admin endpoints until `shutdown` completes, with the client listener's header-read
+/// and idle timeouts (`cfg`) and at most [`MAX_ADMIN_CONNECTIONS`] connections.
+pub async fn run(
+    listener: TcpListener,
+    proxy: Proxy,
+    cfg: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let idle_timeout = cfg.idle_timeout;
+    accept::accept_until(
+        &listener,
+        "admin",
+        Some(slots),
+        shutdown,
+        |stream, _, slot| {
+            let (proxy, builder) = (proxy.clone(), builder.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let in_flight = idle::InFlight::default();
+                let requests = in_flight.clone();
+                let service = service_fn(move |req| {
+                    let (proxy, busy) = (proxy.clone(), requests.enter());
+                    async move {
+                        let response = answer(&proxy, &req);
+                        drop(busy);
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let io = idle::IdleTimeout::new(stream, idle_timeout, in_flight);
+                let _ = builder.serve_connection(TokioIo::new(io), service).await;
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    })
+        },
+    )
     .await;
 }
 

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(&cfg.log.level, cfg.log.level_from, cfg.log.format);
+    check_open_files(&cfg);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,9 +110,14 @@ async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
     // The admin listener outlives the client listener, so /readyz can report the drain.
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin = admin_listener.map(|admin_listener| {
-        tokio::spawn(admin::run(admin_listener, proxy.clone(), async {
-            let _ = admin_stopped.await;
-        }))
+        let admin_cfg = cfg.server.clone();
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            admin::run(admin_listener, proxy, &admin_cfg, async {
+                let _ = admin_stopped.await;
+            })
+            .await;
+        })
     });
     let reloader = tokio::spawn(server::reload::watch(path, proxy.clone(), cfg.clone()));
     frontend
@@ -124,4 +130,23 @@ async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
     }
     tracing::info!("tmdb-proxy stopped");
     ExitCode::SUCCESS
+}
+
+/// Raises the open-files limit to its hard maximum, and warns if the configured connection caps
+/// can still run it out (accepts would then fail for every listener).
+fn check_open_files(cfg: &Config) {
+    let connections = u64::from(cfg.server.max_connections.get())
+        + u64::from(cfg.upstream.max_connections.get())
+        + admin::MAX_ADMIN_CONNECTIONS as u64;
+    let needed = server::fds::needed(connections);
+    match server::fds::raise_limit() {
+        Some(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-files limit is below what server.max_connections may need; raise it \
+             (LimitNOFILE=, ulimit -n) or lower server.max_connections"
+        ),
+        Some(limit) => tracing::debug!(limit, needed, "open-files limit"),
+        None => {}
+    }
 }

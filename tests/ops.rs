@@ -17,11 +17,13 @@ use tokio::net::TcpListener;
 async fn admin(proxy: &Running) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(tmdb_proxy::admin::run(
-        listener,
+    let (proxy, cfg) = (
         proxy.proxy.clone(),
-        std::future::pending(),
-    ));
+        Config::from_toml_str("").unwrap().server,
+    );
+    tokio::spawn(async move {
+        tmdb_proxy::admin::run(listener, proxy, &cfg, std::future::pending()).await;
+    });
     url
 }
 
@@ -310,4 +312,41 @@ async fn a_reload_with_broken_tls_files_is_refused_whole() {
     assert_eq!(harness.get("/3/movie/1?api_key=NEW").await.status, 200);
     assert_code_25(&harness.get("/3/movie/1?api_key=NEW").await, 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_timed_out_and_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = sim().await;
+    let proxy = spawn_proxy("", &sim.url()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    let cfg = Config::from_toml_str(
+        "[server]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"300ms\"\n",
+    )
+    .unwrap()
+    .server;
+    let served = proxy.proxy.clone();
+    tokio::spawn(async move {
+        tmdb_proxy::admin::run(listener, served, &cfg, std::future::pending()).await;
+    });
+    // More idle connections than the admin cap (64), and one that never finishes its headers.
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let mut partial = tokio::net::TcpStream::connect(admin).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // Each is closed by the proxy (the last ones once the first have freed their slots).
+    for stream in idle.iter_mut().chain(std::iter::once(&mut partial)) {
+        let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut [0u8; 64]))
+            .await
+            .expect("the admin listener closes idle and unfinished connections");
+        assert!(matches!(closed, Ok(0) | Err(_)));
+    }
+    let health = get(&http1_client(), &format!("http://{admin}/healthz")).await;
+    assert_eq!(health.status, 200);
 }

@@ -8,15 +8,40 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// Pause after a failed accept: the usual cause is a full file-descriptor table (EMFILE), which
 /// retrying at once would only spin on.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Least time between two log lines about failed accepts: a full fd table fails every accept.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Logs failed accepts at most once per [`ERROR_LOG_EVERY`], counting the ones in between.
+#[derive(Default)]
+struct ErrorLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    fn note(&mut self, listener: &'static str, error: &std::io::Error) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < ERROR_LOG_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        tracing::warn!(listener, %error, suppressed, "accept failed");
+        self.last = Some(now);
+    }
+}
+
 /// Accepts connections on `listener` until `stop` completes, handing each to `serve` with the
 /// slot it holds. With `slots`, a connection is accepted only once a slot is free, so excess
 /// clients wait in the kernel's backlog instead of in memory. A failed accept (a reset before it,
-/// EMFILE) is logged and retried after [`ACCEPT_BACKOFF`]; it never stops the listener.
+/// EMFILE) is retried after [`ACCEPT_BACKOFF`] and logged at most once a second; it never stops
+/// the listener.
 pub async fn accept_until<F>(
     listener: &TcpListener,
     name: &'static str,
@@ -27,6 +52,7 @@ pub async fn accept_until<F>(
     F: FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
 {
     tokio::pin!(stop);
+    let mut errors = ErrorLog::default();
     loop {
         let permit = match &slots {
             Some(slots) => tokio::select! {
@@ -42,7 +68,7 @@ pub async fn accept_until<F>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => serve(stream, peer, permit),
                 Err(error) => {
-                    tracing::warn!(listener = name, %error, "accept failed");
+                    errors.note(name, &error);
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },

@@ -20,11 +20,11 @@ use tokio::time::{Instant, Sleep};
 
 /// Requests of one connection whose handler is still running.
 #[derive(Debug, Clone, Default)]
-pub(super) struct InFlight(Arc<AtomicUsize>);
+pub(crate) struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     /// Marks a request as in progress until the returned guard is dropped.
-    pub(super) fn enter(&self) -> InFlightGuard {
+    pub(crate) fn enter(&self) -> InFlightGuard {
         self.0.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(self.0.clone())
     }
@@ -35,7 +35,7 @@ impl InFlight {
 }
 
 /// Ends a request's in-progress mark when dropped.
-pub(super) struct InFlightGuard(Arc<AtomicUsize>);
+pub(crate) struct InFlightGuard(Arc<AtomicUsize>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -44,13 +44,13 @@ impl Drop for InFlightGuard {
 }
 
 /// A response body that keeps its request marked in progress until it ends (or is dropped).
-pub(super) struct Tracked<B> {
+pub(crate) struct Tracked<B> {
     body: B,
     _busy: InFlightGuard,
 }
 
 impl<B> Tracked<B> {
-    pub(super) fn new(body: B, busy: InFlightGuard) -> Self {
+    pub(crate) fn new(body: B, busy: InFlightGuard) -> Self {
         Self { body, _busy: busy }
     }
 }
@@ -76,7 +76,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 }
 
 /// IO that reports end-of-stream once idle for `timeout`.
-pub(super) struct IdleTimeout<IO> {
+pub(crate) struct IdleTimeout<IO> {
     io: IO,
     timeout: Duration,
     in_flight: InFlight,
@@ -88,7 +88,7 @@ pub(super) struct IdleTimeout<IO> {
 }
 
 impl<IO> IdleTimeout<IO> {
-    pub(super) fn new(io: IO, timeout: Duration, in_flight: InFlight) -> Self {
+    pub(crate) fn new(io: IO, timeout: Duration, in_flight: InFlight) -> Self {
         Self {
             io,
             timeout,

@@ -5,10 +5,11 @@
 //! - [`accept`]: the accept loop (back-off, connection cap), shared with the admin listener.
 //! - [`tls`]: the listener's TLS acceptor from `[server.tls]`.
 //! - `idle`: closing connections with no bytes moving and no request in progress.
-//! - [`shutdown`]: the signals; [`reload`]: SIGHUP and file changes.
+//! - [`shutdown`]: the signals; [`reload`]: SIGHUP and file changes; [`fds`]: the open-files limit.
 
 pub mod accept;
-mod idle;
+pub mod fds;
+pub(crate) mod idle;
 pub mod reload;
 pub mod shutdown;
 pub mod tls;
