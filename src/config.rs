@@ -52,6 +52,12 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 10_000;
 /// Default cap on concurrent HTTP/2 streams per client connection: 128, as nginx's (hyper's own is
 /// 200). Each stream may hold a response buffered in memory.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Default most bytes of a request's headers (request line included): 32 KiB. TMDB requests carry a
+/// few hundred; more gets 431 (code 47).
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 32 * 1024;
+/// Default most bytes of a request body: 1 MiB. TMDB's write endpoints take small JSON bodies; more
+/// gets 413 (code 47), whether its length is declared or it is chunked.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1024 * 1024;
 /// Default most bytes of one upstream response body held in memory for a client that reads
 /// slower than the upstream sends: 8 MiB (TMDB's JSON is far smaller). Within it, the upstream
 /// connection is free as soon as the upstream is done.
@@ -247,6 +253,8 @@ struct RawServer {
     tls: RawTls,
     max_connections: u32,
     h2_max_concurrent_streams: u32,
+    max_header_bytes: ByteSize,
+    max_request_body: ByteSize,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -262,6 +270,8 @@ impl Default for RawServer {
             tls: RawTls::default(),
             max_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            max_header_bytes: ByteSize(DEFAULT_MAX_HEADER_BYTES),
+            max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -464,7 +474,12 @@ pub struct ServerConfig {
     pub max_connections: NonZeroU32,
     /// Concurrent HTTP/2 streams per client connection.
     pub h2_max_concurrent_streams: NonZeroU32,
-    /// A client that has not sent its request headers within this is disconnected.
+    /// Most bytes of a request's headers, request line included.
+    pub max_header_bytes: usize,
+    /// Most bytes of a request body; a request is read whole before it may spend a token.
+    pub max_request_body: usize,
+    /// A client that has not sent its request headers within this is disconnected; one that has
+    /// not sent its whole request body within this, counted from its headers, gets 408.
     pub header_read_timeout: Duration,
     /// A connection with no bytes moving and no request in progress for this long is closed.
     pub idle_timeout: Duration,
@@ -694,10 +709,16 @@ impl Config {
     /// restart (sockets, logging, the sweeper's period), named for the warning a reload logs.
     /// Everything else a reload puts in force.
     pub fn restart_required(&self, running: &Config) -> Vec<&'static str> {
+        // The request size limits are read per request; the rest of [server] is the listener's.
+        let sockets = |server: &ServerConfig| ServerConfig {
+            max_header_bytes: 0,
+            max_request_body: 0,
+            ..server.clone()
+        };
         [
             (
                 "server (listen, tls, max_connections, timeouts)",
-                self.server != running.server,
+                sockets(&self.server) != sockets(&running.server),
             ),
             ("admin.listen", self.admin.listen != running.admin.listen),
             (
@@ -752,6 +773,18 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         h2_max_concurrent_streams: non_zero(
             "server.h2_max_concurrent_streams",
             raw.h2_max_concurrent_streams,
+        )?,
+        max_header_bytes: size_within(
+            "server.max_header_bytes",
+            raw.max_header_bytes,
+            MIN_HEADER_BYTES,
+            MAX_HEADER_BYTES,
+        )?,
+        max_request_body: size_within(
+            "server.max_request_body",
+            raw.max_request_body,
+            0,
+            MAX_REQUEST_BODY,
         )?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
         idle_timeout: positive("server.idle_timeout", raw.idle_timeout)?,
@@ -870,6 +903,26 @@ fn validate_upstream(raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             rate => rate,
         },
     })
+}
+
+/// Accepted `server.max_header_bytes`: 1 KiB to 1 MiB (a request line alone can be 1 KiB; the
+/// HTTP/1 parser's buffer is sized from this).
+const MIN_HEADER_BYTES: usize = 1024;
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// Largest accepted `server.max_request_body`: bodies are held in memory, 64 MiB.
+const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
+
+/// `size` as bytes, if within `min..=max`.
+fn size_within(
+    key: &'static str,
+    size: ByteSize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    usize::try_from(size.0)
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| invalid(key, format!("must be from {min} to {max} bytes")))
 }
 
 /// Smallest accepted `max_buffered_body`: below it ordinary TMDB answers would stream.
@@ -1400,6 +1453,8 @@ mod tests {
         assert_eq!(cfg.upstream.max_buffered_body, 8 << 20);
         assert_eq!(cfg.upstream.min_delivery_rate, 64 << 10);
         assert_eq!(cfg.server.h2_max_concurrent_streams.get(), 128);
+        assert_eq!(cfg.server.max_header_bytes, 32 << 10);
+        assert_eq!(cfg.server.max_request_body, 1 << 20);
         let cfg = Config::from_toml_with_env(
             "[upstream]\nmax_buffered_body = \"16 MiB\"\nmin_delivery_rate = 1000\n",
             env(&[("TMDB_PROXY__UPSTREAM__MIN_DELIVERY_RATE", "100KB")]),

@@ -35,6 +35,18 @@ pub enum ProxyError {
     /// A path outside `upstream.paths`.
     #[error("path is outside the forwarded API paths")]
     PathNotAllowed,
+    /// Request headers over `server.max_header_bytes`.
+    #[error("request headers are over server.max_header_bytes")]
+    HeadersTooLarge,
+    /// A request body over `server.max_request_body`.
+    #[error("request body is over server.max_request_body")]
+    BodyTooLarge,
+    /// A request body not received within `server.header_read_timeout` of its headers.
+    #[error("request body did not arrive in time")]
+    BodyTimeout,
+    /// A request body that broke off (the client went away or sent a malformed chunk).
+    #[error("request body broke: {0}")]
+    BodyBroken(String),
     /// A request TMDB is documented to refuse (bad `page`, date, too many appends, two keys),
     /// answered locally with TMDB's code.
     #[error("request refused locally with TMDB code {0}")]
@@ -60,7 +72,20 @@ impl ProxyError {
             Self::MissingKey => ErrorBody::for_code(code::INVALID_API_KEY),
             Self::RateLimited(r) => ErrorBody::rate_limited(u64::from(r.count), u64::from(r.limit)),
             Self::MethodNotAllowed(_) => ErrorBody::for_code(code::METHOD_NOT_SUPPORTED),
-            Self::ForeignTarget => ErrorBody::for_code(code::INVALID_INPUT),
+            Self::ForeignTarget | Self::BodyBroken(_) => ErrorBody::for_code(code::INVALID_INPUT),
+            // TMDB's body for invalid input, with the status that says what was wrong.
+            Self::HeadersTooLarge => ErrorBody {
+                http: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                ..ErrorBody::for_code(code::INVALID_INPUT)
+            },
+            Self::BodyTooLarge => ErrorBody {
+                http: StatusCode::PAYLOAD_TOO_LARGE,
+                ..ErrorBody::for_code(code::INVALID_INPUT)
+            },
+            Self::BodyTimeout => ErrorBody {
+                http: StatusCode::REQUEST_TIMEOUT,
+                ..ErrorBody::for_code(code::INVALID_INPUT)
+            },
             Self::PathNotAllowed => ErrorBody::for_code(code::NOT_FOUND),
             Self::Refused(code) | Self::UpstreamStatus { code, .. } => ErrorBody::for_code(*code),
             Self::Upstream(
@@ -103,6 +128,19 @@ mod tests {
             response.body(),
             r#"{"success":false,"status_code":25,"status_message":"Your request count (51) is over the allowed limit of (50)."}"#
         );
+    }
+
+    #[test]
+    fn client_limits_keep_tmdb_code_47_with_their_own_status() {
+        for (error, status) in [
+            (ProxyError::HeadersTooLarge, 431),
+            (ProxyError::BodyTooLarge, 413),
+            (ProxyError::BodyTimeout, 408),
+            (ProxyError::BodyBroken("reset".into()), 400),
+        ] {
+            let body = error.body();
+            assert_eq!((body.http.as_u16(), body.status_code), (status, 47));
+        }
     }
 
     #[test]

@@ -405,3 +405,75 @@ async fn connect_method_is_405_code_42() {
     assert!(text.ends_with(&tmdb_body(42)), "{text}");
     assert_eq!(sim.hits(), 0);
 }
+
+#[tokio::test]
+async fn oversized_headers_get_431_code_47() {
+    let sim = sim().await;
+    let proxy = spawn_proxy("[server]\nmax_header_bytes = \"4KiB\"\n", &sim.url()).await;
+    let big = "x".repeat(5000);
+    let reply = get_with(
+        &http1_client(),
+        &proxy.url("/3/movie/1?api_key=K"),
+        &[("x-padding", big.as_str())],
+    )
+    .await;
+    assert_eq!(reply.status, 431);
+    assert_eq!(reply.json()["status_code"], 47);
+    assert_eq!(sim.hits(), 0);
+}
+
+/// A request body of `left` chunks of 512 bytes with no declared length: sent chunked.
+struct Chunks {
+    left: usize,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+            b'y';
+            512
+        ])))))
+    }
+}
+
+#[tokio::test]
+async fn oversized_request_bodies_get_413_code_47_declared_or_chunked() {
+    use http_body_util::Full;
+    let sim = sim().await;
+    let proxy = spawn_proxy("[server]\nmax_request_body = \"1KiB\"\n", &sim.url()).await;
+    let url = proxy.url("/3/movie/550/rating?api_key=K&session_id=S");
+    // Declared: refused from its Content-Length.
+    let declared =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<Full<Bytes>>();
+    let req = http::Request::post(&url)
+        .body(Full::new(Bytes::from(vec![b'x'; 2048])))
+        .unwrap();
+    assert_eq!(declared.request(req).await.unwrap().status(), 413);
+    // Chunked: refused once more than the limit has arrived.
+    let chunked = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Chunks>();
+    let req = http::Request::post(&url).body(Chunks { left: 4 }).unwrap();
+    let response = chunked.request(req).await.unwrap();
+    assert_eq!(response.status(), 413);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains(r#""status_code":47"#));
+    // Within the limit, chunked or not, it is forwarded.
+    let req = http::Request::post(&url).body(Chunks { left: 2 }).unwrap();
+    assert_eq!(chunked.request(req).await.unwrap().status(), 404);
+    assert_eq!(sim.hits(), 1);
+    assert_eq!(sim.arrivals()[0].body.len(), 1024);
+}

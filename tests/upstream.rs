@@ -112,3 +112,49 @@ async fn stalled_upstream_is_a_504_code_24_after_exactly_request_timeout() {
     assert_eq!(started.elapsed(), Duration::from_millis(300));
     assert_eq!(harness.sim.hits(), 1);
 }
+
+/// A request body that sends one chunk, then nothing.
+struct Stalled {
+    sent: bool,
+}
+
+impl http_body::Body for Stalled {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            return std::task::Poll::Pending;
+        }
+        let chunk = bytes::Bytes::from_static(br#"{"value":"#);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_upload_gets_408_and_never_holds_an_upstream_connection() {
+    let harness = InProcess::new(
+        "[server]\nheader_read_timeout = \"2s\"\n[upstream]\nmax_connections = 1\n",
+        sim().await,
+    );
+    let started = tokio::time::Instant::now();
+    let upload = {
+        let proxy = harness.proxy.clone();
+        tokio::spawn(async move {
+            let req = http::Request::post("/3/movie/550/rating?api_key=UP&session_id=S")
+                .body(Stalled { sent: false })
+                .unwrap();
+            proxy.handle(req, IN_PROCESS_CLIENT.parse().unwrap()).await
+        })
+    };
+    // Meanwhile the one upstream connection serves others.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(harness.get("/3/movie/1?api_key=OTHER").await.status, 200);
+    let refused = upload.await.unwrap();
+    assert_eq!(refused.status(), 408);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(harness.sim.hits(), 1);
+}

@@ -233,6 +233,7 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
+        phases::check_size(&parts, settings.max_header_bytes)?;
         if headers::is_preflight(&parts.method, &parts.headers) {
             ctx.preflight = true;
             return Ok(phases::preflight(&parts.headers));
@@ -250,6 +251,11 @@ impl Proxy {
             let target = phases::upstream_target(&parts.uri, &query, identity, default_key);
             (identity, target)
         };
+        // Read whole before it may spend a token or hold an upstream connection.
+        let body_by = ctx.started + settings.body_timeout;
+        let body =
+            phases::read_request_body(body, &parts.headers, settings.max_request_body, body_by)
+                .await?;
         let upstream_req =
             phases::upstream_request(parts, body, target, &settings.rules.upstream, client.ip())?;
         let admission = &self.shared.admission;
@@ -362,6 +368,10 @@ fn classify(
                 ProxyError::RateLimited(_) => Outcome::Limited,
                 ProxyError::MissingKey
                 | ProxyError::MethodNotAllowed(_)
+                | ProxyError::HeadersTooLarge
+                | ProxyError::BodyTooLarge
+                | ProxyError::BodyTimeout
+                | ProxyError::BodyBroken(_)
                 | ProxyError::ForeignTarget
                 | ProxyError::PathNotAllowed
                 | ProxyError::Refused(_) => Outcome::RejectedInvalid,

@@ -17,7 +17,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use super::body::{self, Delivery, ProxyBody};
@@ -52,6 +52,22 @@ pub fn preflight(request: &HeaderMap) -> Response<ProxyBody> {
 }
 
 // === request_filter ===
+
+/// Refuses request headers over `limit` bytes, request line included, with 431 code 47.
+pub fn check_size(parts: &Parts, limit: usize) -> Result<(), ProxyError> {
+    let line = parts.method.as_str().len()
+        + parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + 12;
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    match line + fields > limit {
+        true => Err(ProxyError::HeadersTooLarge),
+        false => Ok(()),
+    }
+}
 
 /// Refuses what is never forwarded: `CONNECT`, a target naming another host, a path outside the
 /// API. Nothing here spends a token.
@@ -118,6 +134,39 @@ pub fn check_query(query: &Query<'_>, savers: QuotaSavers) -> Result<(), ProxyEr
 
 // === upstream_request ===
 
+/// Reads the request body whole, by `deadline`: at most `limit` bytes (413 code 47 beyond,
+/// whether the length is declared or the body is chunked; 408 code 47 past the deadline). A body
+/// in hand cannot stall an upstream connection while it uploads.
+pub async fn read_request_body<B>(
+    body: B,
+    headers: &HeaderMap,
+    limit: usize,
+    deadline: Instant,
+) -> Result<UpstreamBody, ProxyError>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    if body.is_end_stream() {
+        return Ok(Empty::new().map_err(|never| match never {}).boxed());
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(Full::new(collected.to_bytes())
+            .map_err(|never| match never {})
+            .boxed()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge),
+        Ok(Err(error)) => Err(ProxyError::BodyBroken(error.to_string())),
+    }
+}
+
 /// The path and query to send upstream: the client's, byte for byte, unless the request spends
 /// the default key, which is then added as `api_key` (replacing any empty `api_key` pair).
 pub fn upstream_target(
@@ -145,17 +194,13 @@ pub fn upstream_target(
 /// Builds the upstream request: `target` in origin-form (`GET /3/movie/550?... HTTP/1.1`) with
 /// the upstream's `Host`, no hop-by-hop headers, the client's address appended to
 /// `X-Forwarded-For`, HTTP/1.1 whatever the client spoke. The body streams through untouched.
-pub fn upstream_request<B>(
+pub fn upstream_request(
     mut parts: Parts,
-    body: B,
+    body: UpstreamBody,
     target: Option<PathAndQuery>,
     upstream: &Uri,
     client_ip: IpAddr,
-) -> Result<Request<UpstreamBody>, ProxyError>
-where
-    B: Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-{
+) -> Result<Request<UpstreamBody>, ProxyError> {
     let target = target.unwrap_or_else(|| PathAndQuery::from_static("/"));
     parts.uri = Uri::from(target);
     parts.version = Version::HTTP_11;
@@ -167,7 +212,6 @@ where
         .ok_or(ProxyError::ForeignTarget)?;
     parts.headers.insert(HOST, host);
     append_forwarded_for(&mut parts.headers, client_ip);
-    let body = body.map_err(Into::into).boxed();
     Ok(Request::from_parts(parts, body))
 }
 
@@ -424,7 +468,9 @@ mod tests {
         drop(query);
         let req = upstream_request(
             p,
-            Empty::<Bytes>::new(),
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
             target,
             &upstream(),
             "10.0.0.1".parse().unwrap(),
@@ -455,7 +501,9 @@ mod tests {
         drop(query);
         let up = upstream_request(
             parts,
-            Empty::<Bytes>::new(),
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
             target,
             &upstream(),
             "::1".parse().unwrap(),

@@ -26,6 +26,11 @@ pub(super) struct Settings {
     pub(super) legacy_headers: bool,
     /// How upstream bodies are held for their clients.
     pub(super) delivery: Delivery,
+    /// Most bytes of a request's headers.
+    pub(super) max_header_bytes: usize,
+    /// Most bytes of a request body, and how long after its headers it may take to arrive.
+    pub(super) max_request_body: usize,
+    pub(super) body_timeout: Duration,
     /// The key injected into requests that carry none.
     pub(super) default_key: Option<Secret>,
     /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
@@ -70,6 +75,9 @@ impl Settings {
             rules,
             max_wait: cfg.limit.max_wait,
             legacy_headers: cfg.limit.legacy_headers,
+            max_header_bytes: cfg.server.max_header_bytes,
+            max_request_body: cfg.server.max_request_body,
+            body_timeout: cfg.server.header_read_timeout,
             delivery: Delivery {
                 max_buffered: cfg.upstream.max_buffered_body,
                 min_rate: cfg.upstream.min_delivery_rate,

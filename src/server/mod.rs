@@ -33,6 +33,9 @@ use crate::proxy::Proxy;
 use crate::upstream::BoxError;
 pub use tls::TlsError;
 
+/// Smallest HTTP/1 read buffer hyper accepts.
+const MIN_H1_BUFFER: usize = 8192;
+
 /// Counts an open client connection for as long as it lives, whatever way its task ends.
 struct ConnectionGauge(Proxy);
 
@@ -63,16 +66,21 @@ impl Server {
     /// key is found before anything binds.
     pub fn new(cfg: &ServerConfig) -> Result<Self, TlsError> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's own buffer and header list limits sit above ours, so an oversized request is
+        // answered with TMDB's body (431, code 47) by the proxy rather than hyper's bare 431.
+        let header_room = cfg.max_header_bytes.saturating_mul(2).max(MIN_H1_BUFFER);
         builder
             .http1()
             .timer(TokioTimer::new())
+            .max_buf_size(header_room)
             .header_read_timeout(cfg.header_read_timeout);
         // HTTP/2 gets no keep-alive pings: a peer that is gone, or idle, is closed by the idle
         // timeout instead (pings would count as activity and keep idle connections open).
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(cfg.h2_max_concurrent_streams.get());
+            .max_concurrent_streams(cfg.h2_max_concurrent_streams.get())
+            .max_header_list_size(u32::try_from(header_room).unwrap_or(u32::MAX));
         let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
         Ok(Self {
             cfg: cfg.clone(),
