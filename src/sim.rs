@@ -99,6 +99,8 @@ pub enum Fault {
     /// Sends 200 headers declaring a `Content-Length` of `length` and a few bytes, then breaks
     /// the body.
     BreakBody { length: u64 },
+    /// Answers 401 (TMDB's code 7) at once, without reading the request body.
+    AnswerEarly,
 }
 
 impl Route {
@@ -131,6 +133,8 @@ struct SimConfig {
     rate_limit: Option<u32>,
     /// Delay before every answer.
     latency: Duration,
+    /// Delay before an in-memory connection is open (a TCP connect and TLS handshake).
+    connect_latency: Duration,
     /// Answers by path, overriding the built-in TMDB-like ones.
     routes: HashMap<String, Route>,
 }
@@ -204,6 +208,13 @@ impl SimBuilder {
     /// Waits `latency` before every answer.
     pub fn latency(mut self, latency: Duration) -> Self {
         self.cfg.latency = latency;
+        self
+    }
+
+    /// Takes `latency` to open each in-memory connection ([`Sim::dialer`]), as a TCP connect
+    /// and TLS handshake would.
+    pub fn connect_latency(mut self, latency: Duration) -> Self {
+        self.cfg.connect_latency = latency;
         self
     }
 
@@ -321,18 +332,24 @@ impl Sim {
         format!("http://{}", self.addr)
     }
 
-    /// Opens in-memory connections to this stand-in, as if accepted on its listener (plain HTTP).
+    /// Opens in-memory connections to this stand-in, as if accepted on its listener (plain HTTP),
+    /// each after the builder's `connect_latency`.
     pub fn dialer(&self) -> Dialer {
         let stand_in = self.stand_in.clone();
         Arc::new(move || {
-            let (client, server) = tokio::io::duplex(PIPE_BUFFER);
             let stand_in = stand_in.clone();
-            let open = stand_in.state.opened();
-            tokio::spawn(async move {
-                stand_in.serve(server).await;
-                drop(open);
-            });
-            client
+            Box::pin(async move {
+                if !stand_in.cfg.connect_latency.is_zero() {
+                    tokio::time::sleep(stand_in.cfg.connect_latency).await;
+                }
+                let (client, server) = tokio::io::duplex(PIPE_BUFFER);
+                let open = stand_in.state.opened();
+                tokio::spawn(async move {
+                    stand_in.serve(server).await;
+                    drop(open);
+                });
+                client
+            })
         })
     }
 
@@ -399,11 +416,18 @@ impl StandIn {
     async fn answer(&self, req: Request<Incoming>) -> Result<Response<SimBody>, io::Error> {
         let now = Instant::now();
         let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let early = matches!(
+            self.cfg.routes.get(parts.uri.path()),
+            Some(Route::Fault(Fault::AnswerEarly))
+        );
+        let body = match early {
+            true => Bytes::new(),
+            false => body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default(),
+        };
         let path = parts.uri.path().to_owned();
         let query = Query::parse(parts.uri.query());
         let credential = auth::credential(&query, &parts.headers).map(|c| c.as_sent().to_owned());
@@ -532,6 +556,7 @@ async fn route_response(route: &Route) -> Result<Response<SimBody>, io::Error> {
             response
         }
         Route::Stall => std::future::pending().await,
+        Route::Fault(Fault::AnswerEarly) => tmdb_error(ErrorBody::for_code(code::INVALID_API_KEY)),
         Route::Fault(Fault::Close) => {
             return Err(io::Error::other("closing without an answer"));
         }

@@ -6,6 +6,8 @@
 //! its clock to the next timer at that moment, so every round trip would move time on. A pipe
 //! wakes its reader directly, and time moves only when every task waits on a timer.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::Uri;
@@ -21,8 +23,9 @@ use tower_service::Service;
 use super::{BuildError, UpstreamError, chain};
 use crate::config::UpstreamConfig;
 
-/// Opens an in-memory connection to an in-process upstream (see `sim::Sim::dialer`).
-pub type Dialer = Arc<dyn Fn() -> DuplexStream + Send + Sync>;
+/// Opens an in-memory connection to an in-process upstream (see `sim::Sim::dialer`); the future
+/// stands for the connect and handshake, which may take time.
+pub type Dialer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = DuplexStream> + Send>> + Send + Sync>;
 
 /// A connection's byte stream, whichever way it was opened.
 pub(super) trait Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin {}
@@ -76,7 +79,7 @@ impl Connector {
                     .map_err(|e| UpstreamError::Failed(chain(&*e)))?;
                 Ok(Box::new(io))
             }
-            Self::Memory(dial) => Ok(Box::new(TokioIo::new(dial()))),
+            Self::Memory(dial) => Ok(Box::new(TokioIo::new(dial().await))),
         }
     }
 }

@@ -7,8 +7,11 @@
 //! is the time the request goes on the wire, not the time it started waiting for a connection or a
 //! TLS handshake (see `proxy::admission`).
 //!
-//! Invariant: a [`Lease`] holds one of `max_connections` permits; only a lease creates a
-//! connection, and only when no idle one is usable, so busy + idle connections never exceed the cap.
+//! Invariant: every open connection is either idle (and ready for a request) or held with one of
+//! `max_connections` permits: by a [`Lease`], by a connect under way, or by a connection still
+//! finishing its exchange (a request body the upstream answered before reading). A connection is
+//! created only with a permit and when no idle one is usable, and a [`Conn`] dropped anywhere
+//! closes its socket at once, so busy + idle connections never exceed the cap, at any instant.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::connect::Connector;
@@ -33,8 +37,21 @@ const READY_WAIT: Duration = Duration::from_millis(250);
 
 type Sender = SendRequest<UpstreamBody>;
 
-struct Idle {
+/// One upstream connection: the handle requests are sent on, and the task that drives it.
+/// Dropping it closes the connection at once (the task is aborted), whatever it was doing.
+struct Conn {
     sender: Sender,
+    task: AbortHandle,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Idle {
+    conn: Conn,
     since: Instant,
 }
 
@@ -100,55 +117,90 @@ impl Pool {
             .acquire_owned()
             .await
             .map_err(|_| UpstreamError::Failed("connection pool closed".into()))?;
-        if let Some(sender) = self.inner.take_idle().await {
-            return Ok(Lease::new(sender, permit, &self.inner, true));
+        if let Some(conn) = self.inner.take_idle().await {
+            return Ok(Lease::new(conn, permit, &self.inner, true));
         }
-        let sender = self.inner.connect().await?;
-        Ok(Lease::new(sender, permit, &self.inner, false))
+        // The connect runs in a task of its own, holding the permit: if this request gives up
+        // meanwhile, the connection is not wasted (nor its TLS handshake aborted) but goes idle
+        // for the next one.
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let connected = inner.connect().await;
+            if let Err((Ok(conn), permit)) = tx.send((connected, permit)) {
+                inner.put_idle(conn);
+                drop(permit);
+            }
+        });
+        match rx.await {
+            Ok((Ok(conn), permit)) => Ok(Lease::new(conn, permit, &self.inner, false)),
+            Ok((Err(error), _)) => Err(error),
+            Err(_) => Err(UpstreamError::Failed("connect task ended".into())),
+        }
     }
 }
 
 impl Inner {
     /// Pops idle connections, most recently used first, until one is ready.
-    async fn take_idle(&self) -> Option<Sender> {
+    async fn take_idle(&self) -> Option<Conn> {
         loop {
-            let Idle { mut sender, since } = lock(&self.idle).pop()?;
-            if since.elapsed() >= self.idle_timeout || sender.is_closed() {
+            let Idle { mut conn, since } = lock(&self.idle).pop()?;
+            if since.elapsed() >= self.idle_timeout || conn.sender.is_closed() {
                 continue;
             }
-            if sender.is_ready() {
-                return Some(sender);
+            if conn.sender.is_ready() {
+                return Some(conn);
             }
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Some(sender);
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, conn.sender.ready()).await {
+                return Some(conn);
             }
         }
     }
 
     /// TCP connect, TLS handshake (for https) and HTTP/1 handshake, within `connect_timeout`.
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
         let connect = async {
             let io = self.connector.open(&self.target).await?;
             let (sender, conn) = http1::Builder::new()
                 .handshake::<_, UpstreamBody>(io)
                 .await
                 .map_err(|e| UpstreamError::Failed(chain(&e)))?;
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 if let Err(error) = conn.await {
                     tracing::debug!(error = %chain(&error), "upstream connection ended with an error");
                 }
             });
-            Ok::<_, UpstreamError>(sender)
+            Ok::<_, UpstreamError>(Conn {
+                sender,
+                task: task.abort_handle(),
+            })
         };
         tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| UpstreamError::ConnectTimeout)?
     }
 
-    fn put_idle(&self, sender: Sender) {
-        if !sender.is_closed() {
+    /// Puts a connection that finished its exchange back, once it is ready for another. Until
+    /// then (the upstream answered before it had read the request body, which is still being
+    /// written) it keeps its permit; one not ready within [`READY_WAIT`] is closed.
+    fn give_back(self: &Arc<Self>, mut conn: Conn, permit: OwnedSemaphorePermit) {
+        if conn.sender.is_ready() {
+            self.put_idle(conn);
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, conn.sender.ready()).await {
+                inner.put_idle(conn);
+            }
+            drop(permit);
+        });
+    }
+
+    fn put_idle(&self, conn: Conn) {
+        if !conn.sender.is_closed() {
             lock(&self.idle).push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -164,8 +216,9 @@ fn spawn_reaper(inner: Weak<Inner>, idle_timeout: Duration) {
         loop {
             tick.tick().await;
             let Some(inner) = inner.upgrade() else { break };
-            lock(&inner.idle)
-                .retain(|idle| idle.since.elapsed() < idle_timeout && !idle.sender.is_closed());
+            lock(&inner.idle).retain(|idle| {
+                idle.since.elapsed() < idle_timeout && !idle.conn.sender.is_closed()
+            });
         }
     });
 }
@@ -189,8 +242,8 @@ pub(super) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Dropped without sending, the connection goes back to the pool; dropped after a request, it goes
 /// back only if the exchange ended cleanly.
 pub struct Lease {
-    sender: Option<Sender>,
-    _permit: OwnedSemaphorePermit,
+    conn: Option<Conn>,
+    permit: Option<OwnedSemaphorePermit>,
     pool: Weak<Inner>,
     /// Taken from the idle list (so it may have been closed by the upstream meanwhile).
     reused: bool,
@@ -207,10 +260,10 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    fn new(sender: Sender, permit: OwnedSemaphorePermit, pool: &Arc<Inner>, reused: bool) -> Self {
+    fn new(conn: Conn, permit: OwnedSemaphorePermit, pool: &Arc<Inner>, reused: bool) -> Self {
         Self {
-            sender: Some(sender),
-            _permit: permit,
+            conn: Some(conn),
+            permit: Some(permit),
             pool: Arc::downgrade(pool),
             reused,
             reusable: true,
@@ -224,26 +277,27 @@ impl Lease {
         mut self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<LeasedBody>, UpstreamError> {
-        let Some(mut sender) = self.sender.take() else {
+        let Some(mut conn) = self.conn.take() else {
             return Err(UpstreamError::Failed("connection already used".into()));
         };
         self.reusable = false;
-        let result = match sender.try_send_request(req).await {
-            Ok(response) => Ok((response, sender)),
+        let result = match conn.sender.try_send_request(req).await {
+            Ok(response) => Ok((response, conn)),
             Err(mut error) => match (self.reused, error.take_message()) {
                 (true, Some(req)) => {
                     tracing::debug!(error = %chain(error.error()), "pooled connection was stale; reconnecting");
-                    drop(sender);
+                    drop(conn);
                     let fresh = self
                         .pool
                         .upgrade()
                         .ok_or_else(|| UpstreamError::Failed("connection pool closed".into()));
                     match fresh {
                         Ok(pool) => match pool.connect().await {
-                            Ok(mut sender) => sender
+                            Ok(mut conn) => conn
+                                .sender
                                 .send_request(req)
                                 .await
-                                .map(|response| (response, sender))
+                                .map(|response| (response, conn))
                                 .map_err(|e| UpstreamError::from_hyper(&e)),
                             Err(e) => Err(e),
                         },
@@ -253,8 +307,8 @@ impl Lease {
                 _ => Err(UpstreamError::from_hyper(error.error())),
             },
         };
-        let (response, sender) = result?;
-        self.sender = Some(sender);
+        let (response, conn) = result?;
+        self.conn = Some(conn);
         Ok(response.map(|body| LeasedBody {
             body,
             lease: Some(self),
@@ -269,11 +323,15 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let (true, Some(sender), Some(pool)) =
-            (self.reusable, self.sender.take(), self.pool.upgrade())
-        {
-            pool.put_idle(sender);
+        if let (true, Some(conn), Some(permit), Some(pool)) = (
+            self.reusable,
+            self.conn.take(),
+            self.permit.take(),
+            self.pool.upgrade(),
+        ) {
+            pool.give_back(conn, permit);
         }
+        // Otherwise the connection (if any) closes as it drops, and the permit is freed after.
     }
 }
 
