@@ -140,9 +140,10 @@ async fn health_readiness_and_metrics() {
     // Keys never appear, only aliases.
     assert!(!text.contains("WEBKEY") && !text.contains("OTHER"));
 
-    proxy
-        .proxy
-        .begin_drain(tokio::time::Instant::now() + Duration::from_secs(5));
+    proxy.proxy.begin_drain(
+        tokio::time::Instant::now() + Duration::from_secs(5),
+        tokio::time::Instant::now() + Duration::from_secs(9),
+    );
     let draining = get(&client, &format!("{admin}/readyz")).await;
     assert_eq!(draining.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(get(&client, &format!("{admin}/healthz")).await.status, 200);
@@ -349,4 +350,21 @@ async fn admin_connections_are_timed_out_and_capped() {
     }
     let health = get(&http1_client(), &format!("http://{admin}/healthz")).await;
     assert_eq!(health.status, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_still_waiting_for_the_upstream_is_answered_before_the_grace_ends() {
+    let harness = InProcess::new("", sim_with(Sim::builder().stall("/3/stall")).await);
+    let start = tokio::time::Instant::now();
+    let stalled = harness.spawn_get("/3/stall?api_key=LATE");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Shutdown: 2 s of grace left for answers, far less than the 10 s request_timeout.
+    let now = tokio::time::Instant::now();
+    harness
+        .proxy
+        .begin_drain(now + Duration::from_secs(1), now + Duration::from_secs(2));
+    let reply = stalled.await.unwrap();
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["status_code"], 24);
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
 }

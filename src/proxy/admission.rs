@@ -19,7 +19,9 @@
 //! - An upstream 429 pauses the key for as long as the upstream asked (see
 //!   [`Admission::upstream_refused`]): the budget was wrong, so nothing more is sent until then.
 //! - From the moment shutdown begins ([`Admission::drain`]) no request waits past the drain
-//!   deadline: those whose turn would come later are refused at once rather than cut off.
+//!   deadline: those whose turn would come later are refused at once rather than cut off, and a
+//!   request still waiting for the upstream near the end of the grace period gets 504 code 24
+//!   ([`Admission::cut_off`]) instead of an empty reply when the process exits.
 //!
 //! The step talks only to the [`Budget`] interface, so a budget kept elsewhere than in this
 //! process fits in without change here.
@@ -46,6 +48,8 @@ pub struct Admission {
     budget: Arc<dyn Budget>,
     /// Set when shutdown begins: no request may wait past this.
     drain: watch::Sender<Option<Instant>>,
+    /// Set when shutdown begins: every request is answered by then, before the grace period ends.
+    answer_by: watch::Sender<Option<Instant>>,
     /// Requests asleep until their queued slot.
     queued: AtomicUsize,
 }
@@ -55,6 +59,7 @@ impl Admission {
         Self {
             budget,
             drain: watch::Sender::new(None),
+            answer_by: watch::Sender::new(None),
             queued: AtomicUsize::new(0),
         }
     }
@@ -69,10 +74,26 @@ impl Admission {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Shutdown: from now on no request waits past `deadline`, and queued requests whose turn
-    /// would come later are woken and refused (429, code 25).
-    pub fn drain(&self, deadline: Instant) {
-        self.drain.send_replace(Some(deadline));
+    /// Shutdown: from now on no request waits past `queue_until`, and queued requests whose turn
+    /// would come later are woken and refused (429, code 25); a request still waiting for the
+    /// upstream at `answer_by` is answered 504 (code 24) then, before the grace period ends.
+    pub fn drain(&self, queue_until: Instant, answer_by: Instant) {
+        self.drain.send_replace(Some(queue_until));
+        self.answer_by.send_replace(Some(answer_by));
+    }
+
+    /// Completes when a request still waiting for the upstream must be answered without it: at
+    /// the drain's `answer_by`; never while the proxy is not draining.
+    pub async fn cut_off(&self) {
+        let mut answer_by = self.answer_by.subscribe();
+        let at = match answer_by.wait_for(Option::is_some).await {
+            Ok(at) => *at,
+            Err(_) => None,
+        };
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The key's standing now, without spending (for requests refused before admission).

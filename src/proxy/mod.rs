@@ -35,7 +35,7 @@ use crate::limiter::{Budget, Key, LocalBudget, Policy, Reason};
 use crate::metrics::{Metrics, Outcome};
 use crate::tmdb::Query;
 use crate::tmdb::status::code;
-use crate::upstream::{BoxError, BuildError, Dialer};
+use crate::upstream::{BoxError, BuildError, Dialer, UpstreamError};
 use admission::Admission;
 pub use body::ProxyBody;
 pub use ctx::RequestCtx;
@@ -178,11 +178,12 @@ impl Proxy {
         self.shared.ready.load(Ordering::Relaxed)
     }
 
-    /// Starts draining for shutdown: not ready any more, and no queued request waits past
-    /// `deadline` (those whose turn would come later get 429, code 25).
-    pub fn begin_drain(&self, deadline: Instant) {
+    /// Starts draining for shutdown: not ready any more, no queued request waits past
+    /// `queue_until` (those whose turn would come later get 429, code 25), and one still waiting
+    /// for the upstream at `answer_by` gets 504 (code 24) then.
+    pub fn begin_drain(&self, queue_until: Instant, answer_by: Instant) {
         self.shared.ready.store(false, Ordering::Relaxed);
-        self.shared.admission.drain(deadline);
+        self.shared.admission.drain(queue_until, answer_by);
     }
 
     /// Answers one client request. Never fails: every error becomes a TMDB status body. The
@@ -264,18 +265,26 @@ impl Proxy {
             .await?;
 
         let deadline = settings.upstream.deadline();
-        let sent = Instant::now();
-        let result = settings.upstream.send(lease, upstream_req, deadline).await;
-        ctx.upstream_latency = Some(sent.elapsed());
-        let response = result?;
-        ctx.upstream_answered = true;
-        let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
-            let wait = headers::upstream_retry_after(response.headers());
-            admission.upstream_refused(identity.key, wait, ctx)
-        });
-        let delivery = settings.delivery;
-        let mut response =
-            phases::response_filter(response, upstream_429, delivery, deadline).await?;
+        let exchange = async {
+            let sent = Instant::now();
+            let result = settings.upstream.send(lease, upstream_req, deadline).await;
+            ctx.upstream_latency = Some(sent.elapsed());
+            let response = result?;
+            ctx.upstream_answered = true;
+            let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
+                let wait = headers::upstream_retry_after(response.headers());
+                admission.upstream_refused(identity.key, wait, ctx)
+            });
+            let delivery = settings.delivery;
+            phases::response_filter(response, upstream_429, delivery, deadline).await
+        };
+        // A shutdown's grace period ends with an answer, not an empty reply.
+        let mut response = tokio::select! {
+            response = exchange => response?,
+            () = admission.cut_off() => {
+                return Err(UpstreamError::Timeout(settings.upstream.request_timeout()).into());
+            }
+        };
         if identity.source == Source::Default {
             phases::strip_injected_key(response.headers_mut());
         }

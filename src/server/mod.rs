@@ -126,8 +126,10 @@ impl Server {
         drop(listener);
         let _ = stopping.send(true);
         // Queued requests must be on their way by half the grace period, so each still has the
-        // other half to complete; later turns are answered 429 at once.
-        proxy.begin_drain(tokio::time::Instant::now() + grace / 2);
+        // other half to complete; later turns are answered 429 at once. One still waiting for the
+        // upstream when a tenth of the grace is left is answered 504 then, not cut off.
+        let now = tokio::time::Instant::now();
+        proxy.begin_drain(now + grace / 2, now + grace - grace / 10);
         tracing::info!(?grace, "stopped accepting; draining connections");
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections drained"),

@@ -115,6 +115,11 @@ impl Upstream {
         &self.base
     }
 
+    /// How long a request may wait for a connection and its response headers.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The deadline for a request's response headers, starting now.
     pub fn deadline(&self) -> Instant {
         Instant::now() + self.request_timeout
