@@ -7,11 +7,12 @@
 //! is the time the request goes on the wire, not the time it started waiting for a connection or a
 //! TLS handshake (see `proxy::admission`).
 //!
-//! Invariant: every open connection is either idle (and ready for a request) or held with one of
-//! `max_connections` permits: by a [`Lease`], by a connect under way, or by a connection still
-//! finishing its exchange (a request body the upstream answered before reading). A connection is
-//! created only with a permit and when no idle one is usable, and a [`Conn`] dropped anywhere
-//! closes its socket at once, so busy + idle connections never exceed the cap, at any instant.
+//! Invariant: every open connection is either held with one of `max_connections` permits (by a
+//! [`Lease`], or by a connect under way) or idle, and idle connections never outnumber the free
+//! permits. A connection is created only with a permit and after every idle one was tried: one
+//! still finishing its exchange (a request body the upstream answered before reading) is waited
+//! for briefly, then closed. A [`Conn`] dropped anywhere closes its socket at once, so busy + idle
+//! connections never exceed the cap, at any instant.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -180,23 +181,6 @@ impl Inner {
             .map_err(|_| UpstreamError::ConnectTimeout)?
     }
 
-    /// Puts a connection that finished its exchange back, once it is ready for another. Until
-    /// then (the upstream answered before it had read the request body, which is still being
-    /// written) it keeps its permit; one not ready within [`READY_WAIT`] is closed.
-    fn give_back(self: &Arc<Self>, mut conn: Conn, permit: OwnedSemaphorePermit) {
-        if conn.sender.is_ready() {
-            self.put_idle(conn);
-            return;
-        }
-        let inner = self.clone();
-        tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, conn.sender.ready()).await {
-                inner.put_idle(conn);
-            }
-            drop(permit);
-        });
-    }
-
     fn put_idle(&self, conn: Conn) {
         if !conn.sender.is_closed() {
             lock(&self.idle).push(Idle {
@@ -329,7 +313,10 @@ impl Drop for Lease {
             self.permit.take(),
             self.pool.upgrade(),
         ) {
-            pool.give_back(conn, permit);
+            // Idle, its permit freed: the next checkout takes it, waiting (briefly) for it to be
+            // ready if its exchange is still finishing, or closes it.
+            pool.put_idle(conn);
+            drop(permit);
         }
         // Otherwise the connection (if any) closes as it drops, and the permit is freed after.
     }
