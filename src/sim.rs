@@ -609,6 +609,16 @@ impl Body for SimBody {
     type Data = Bytes;
     type Error = io::Error;
 
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            // A fixed answer goes with its Content-Length, as TMDB's do.
+            Self::Full(data) => {
+                http_body::SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Self::Channel(_) | Self::Broken { .. } => http_body::SizeHint::default(),
+        }
+    }
+
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

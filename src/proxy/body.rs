@@ -6,10 +6,10 @@
 //! body is read as fast as the upstream sends it, into memory, up to `upstream.max_buffered_body`,
 //! and the connection goes back to the pool the moment the upstream is done, whatever the client
 //! does:
-//! - a body whose declared length is at most [`INLINE_BODY`] (most TMDB answers) is read before the
-//!   headers are passed on, in the request's own task;
-//! - a longer one, or one of unknown length, is read by a task of its own (the pump) while the
-//!   client drains it.
+//! - a body of at most [`INLINE_BODY`] (most TMDB answers, whether their length is declared or they
+//!   are chunked) is read whole before the headers are passed on, in the request's own task;
+//! - a longer one is read by a task of its own (the pump) while the client drains it (a chunked
+//!   one once its first [`INLINE_BODY`] are in).
 //!
 //! A body larger than the buffer holds its connection while the client reads. If the buffer stays
 //! full and the client takes less than `upstream.min_delivery_rate` bytes per second over
@@ -68,32 +68,84 @@ impl ProxyBody {
 /// Reads `body` for its client as the module doc says. An error means the upstream failed before
 /// anything was passed on, so the client can still get a TMDB answer.
 pub async fn deliver(
-    body: LeasedBody,
+    mut body: LeasedBody,
     delivery: Delivery,
     deadline: Instant,
 ) -> Result<ProxyBody, UpstreamError> {
     let hint = body.size_hint();
-    if let Some(length) = hint.exact().filter(|&length| length <= INLINE_BODY) {
-        let limit = usize::try_from(length).unwrap_or(usize::MAX);
-        return match body.read_bounded(limit, deadline).await? {
-            Some(bytes) => Ok(ProxyBody::full(bytes)),
-            None => Err(UpstreamError::Failed(
-                "body longer than its Content-Length".into(),
-            )),
-        };
+    match hint.exact() {
+        Some(length) if length <= INLINE_BODY => {
+            let limit = usize::try_from(length).unwrap_or(usize::MAX);
+            return match body.read_bounded(limit, deadline).await? {
+                Some(bytes) => Ok(ProxyBody::full(bytes)),
+                None => Err(UpstreamError::Failed(
+                    "body longer than its Content-Length".into(),
+                )),
+            };
+        }
+        Some(_) => return Ok(pumped(body, Vec::new(), hint, delivery)),
+        None => {}
     }
+    // No declared length (chunked, as TMDB's compressed answers often are): read up to the
+    // inline size, and stream only what is longer.
+    let mut prefix = Vec::new();
+    let mut read = 0;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(UpstreamError::BodyTimeout),
+            Ok(None) => return Ok(ProxyBody::full(concat(prefix, read))),
+            Ok(Some(Err(error))) => {
+                return Err(UpstreamError::Failed(format!(
+                    "upstream body broke: {error}"
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            read += data.len();
+            prefix.push(data);
+            if read as u64 > INLINE_BODY {
+                return Ok(pumped(body, prefix, hint, delivery));
+            }
+        }
+    }
+}
+
+/// The chunks of a body read whole, as one.
+fn concat(chunks: Vec<Bytes>, len: usize) -> Bytes {
+    match <[Bytes; 1]>::try_from(chunks) {
+        Ok([only]) => only,
+        Err(chunks) => {
+            let mut all = Vec::with_capacity(len);
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            Bytes::from(all)
+        }
+    }
+}
+
+/// The client side of a body the pump goes on reading, `prefix` already in hand.
+fn pumped(body: LeasedBody, prefix: Vec<Bytes>, hint: SizeHint, delivery: Delivery) -> ProxyBody {
     let (tx, rx) = mpsc::unbounded_channel();
     let space = Arc::new(Semaphore::new(delivery.max_buffered));
     let delivered = Arc::new(AtomicU64::new(0));
-    tokio::spawn(pump(body, tx, space.clone(), delivered.clone(), delivery));
-    Ok(ProxyBody::Pumped(Pumped {
+    tokio::spawn(pump(
+        body,
+        prefix,
+        tx,
+        space.clone(),
+        delivered.clone(),
+        delivery,
+    ));
+    ProxyBody::Pumped(Pumped {
         rx,
         space,
         delivered,
         max_chunk: delivery.max_buffered,
         hint,
         done: false,
-    }))
+    })
 }
 
 /// Reads `body` into the buffer as fast as the upstream sends it, while there is room. Ends, and
@@ -101,13 +153,25 @@ pub async fn deliver(
 /// too slow.
 async fn pump(
     mut body: LeasedBody,
+    prefix: Vec<Bytes>,
     tx: mpsc::UnboundedSender<Result<Bytes, BoxError>>,
     space: Arc<Semaphore>,
     delivered: Arc<AtomicU64>,
     delivery: Delivery,
 ) {
     let mut judged_at = 0;
+    let mut prefix = prefix.into_iter();
     loop {
+        if let Some(data) = prefix.next() {
+            if !hold(&space, &delivered, &mut judged_at, delivery, data.len()).await {
+                let _ = tx.send(Err("client read too slowly".into()));
+                return;
+            }
+            if tx.send(Ok(data)).is_err() {
+                return;
+            }
+            continue;
+        }
         let frame = match tokio::time::timeout(delivery.frame_timeout, body.frame()).await {
             // The body ended: dropping it hands the connection back to the pool.
             Ok(None) => return,
@@ -125,34 +189,48 @@ async fn pump(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let room = u32::try_from(data.len().min(delivery.max_buffered)).unwrap_or(u32::MAX);
-        loop {
-            match tokio::time::timeout(RATE_WINDOW, space.acquire_many(room)).await {
-                Ok(Ok(permit)) => {
-                    permit.forget();
-                    break;
-                }
-                // The client is gone (its body dropped): the exchange ends half-read, and its
-                // connection is closed rather than reused.
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let now = delivered.load(Ordering::Relaxed);
-                    let floor = delivery.min_rate.saturating_mul(RATE_WINDOW.as_secs());
-                    if now - judged_at < floor {
-                        tracing::warn!(
-                            delivered_bytes = now - judged_at,
-                            window = ?RATE_WINDOW,
-                            "client reads a large body too slowly; closing its upstream connection"
-                        );
-                        let _ = tx.send(Err("client read too slowly".into()));
-                        return;
-                    }
-                    judged_at = now;
-                }
-            }
+        if !hold(&space, &delivered, &mut judged_at, delivery, data.len()).await {
+            let _ = tx.send(Err("client read too slowly".into()));
+            return;
         }
         if tx.send(Ok(data)).is_err() {
             return;
+        }
+    }
+}
+
+/// Waits for room for `len` more bytes in the buffer. `false`: the client is gone, or it took
+/// less than `min_rate` over a [`RATE_WINDOW`] in which the buffer stayed full.
+async fn hold(
+    space: &Semaphore,
+    delivered: &AtomicU64,
+    judged_at: &mut u64,
+    delivery: Delivery,
+    len: usize,
+) -> bool {
+    let room = u32::try_from(len.min(delivery.max_buffered)).unwrap_or(u32::MAX);
+    loop {
+        match tokio::time::timeout(RATE_WINDOW, space.acquire_many(room)).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                return true;
+            }
+            // The client is gone (its body dropped): the exchange ends half-read, and its
+            // connection is closed rather than reused.
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                let now = delivered.load(Ordering::Relaxed);
+                let floor = delivery.min_rate.saturating_mul(RATE_WINDOW.as_secs());
+                if now - *judged_at < floor {
+                    tracing::warn!(
+                        delivered_bytes = now - *judged_at,
+                        window = ?RATE_WINDOW,
+                        "client reads a large body too slowly; closing its upstream connection"
+                    );
+                    return false;
+                }
+                *judged_at = now;
+            }
         }
     }
 }
