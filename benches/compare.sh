@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Two tmdb-proxy binaries side by side in one run (a change's before and after), in front of the
+# same tmdb-sim, interleaved rounds of wrk: requests/s, p99, and CPU ms per 1,000 requests of each
+# proxy process (utime + stime from /proc over the round). The machine is shared and noisy:
+# compare the medians of the two columns, not figures across runs.
+#
+#   bash benches/compare.sh OLD_BINARY NEW_BINARY [TMDB_SIM_BINARY]
+#   ROUNDS=5 DURATION=6s CONNS=64 bash benches/compare.sh /tmp/before/tmdb-proxy target/release/tmdb-proxy
+#
+# Both proxies run in reject mode with a limit too high to bite, 1,000 keys round-robin, up to 64
+# upstream connections. Installs wrk with apt-get if missing. Every process it starts is stopped
+# by PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OLD=${1:?usage: compare.sh OLD_BINARY NEW_BINARY [TMDB_SIM_BINARY]}
+NEW=${2:?usage: compare.sh OLD_BINARY NEW_BINARY [TMDB_SIM_BINARY]}
+SIM=${3:-target/release/tmdb-sim}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-6s}
+CONNS=${CONNS:-64}
+
+if ! command -v wrk >/dev/null 2>&1; then
+    echo "installing wrk..." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) >/dev/null
+fi
+[ -x "$SIM" ] || cargo build --release --quiet --bin tmdb-sim
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+
+sim_port=$(free_port)
+"$SIM" --listen "127.0.0.1:$sim_port" --rate-limit 0 2>"$work/sim.log" &
+pids+=($!)
+wait_port "$sim_port"
+
+start_proxy() { # binary, name; echoes "pid port"
+    local port admin
+    port=$(free_port)
+    admin=$(free_port)
+    cat >"$work/$2.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[admin]
+listen = "127.0.0.1:$admin"
+[upstream]
+base_url = "http://127.0.0.1:$sim_port"
+max_connections = 64
+[log]
+level = "warn"
+[limit]
+requests_per_second = 1000000
+mode = "reject"
+TOML
+    "$1" --config "$work/$2.toml" 2>"$work/$2.log" &
+    pids+=($!)
+    echo "$! $port"
+}
+read -r old_pid old_port < <(start_proxy "$OLD" old)
+read -r new_pid new_port < <(start_proxy "$NEW" new)
+wait_port "$old_port"
+wait_port "$new_port"
+
+cat >"$work/keys.lua" <<'LUA'
+local n = 0
+request = function()
+    n = n + 1
+    return wrk.format("GET", "/3/movie/550?api_key=bench-key-" .. (n % 1000))
+end
+LUA
+
+ticks=$(getconf CLK_TCK)
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+round() { # pid port
+    local before after out
+    before=$(cpu "$1")
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$work/keys.lua" "http://127.0.0.1:$2/3/movie/550")
+    after=$(cpu "$1")
+    python3 - "$out" "$before" "$after" "$ticks" <<'PY'
+import re, sys
+out, before, after, ticks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+total = int(re.search(r"(\d+) requests in", out).group(1))
+p99 = re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)
+cpu_ms = (after - before) * 1000 / ticks
+print(f"{rps:.0f} {p99} {cpu_ms / total * 1000:.2f}")
+PY
+}
+
+echo "| round | old req/s | new req/s | old p99 | new p99 | old CPU ms/1000 | new CPU ms/1000 |"
+echo "|---|---|---|---|---|---|---|"
+for r in $(seq "$ROUNDS"); do
+    read -r o_rps o_p99 o_cpu < <(round "$old_pid" "$old_port")
+    read -r n_rps n_p99 n_cpu < <(round "$new_pid" "$new_port")
+    echo "| $r | $o_rps | $n_rps | $o_p99 | $n_p99 | $o_cpu | $n_cpu |"
+done
