@@ -340,7 +340,7 @@ impl Bucket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MS: Nanos = 1_000_000;
@@ -652,6 +652,95 @@ mod tests {
                 assert_eq!(next_free, q.window);
             }
             d => panic!("{d:?}"),
+        }
+    }
+
+    /// A small deterministic generator (splitmix64), so a failing case is replayed from its seed.
+    pub(crate) struct Rng(pub(crate) u64);
+
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// A number below `n`.
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    /// Any random sequence of acquires (now and queued), releases, restamps and pauses keeps
+    /// every window at or under capacity, and a bucket that is neither paced nor paused and holds
+    /// a token never refuses a request.
+    #[test]
+    fn property_the_window_holds_and_a_free_token_is_never_refused() {
+        for seed in 0..300 {
+            let mut rng = Rng(seed);
+            let q = quota(1 + rng.below(8) as u32);
+            let mut b = Bucket::default();
+            let mut now: Nanos = 0;
+            let mut granted: Vec<Nanos> = Vec::new();
+            let mut log = Vec::new();
+            for _ in 0..400 {
+                match rng.below(10) {
+                    0..=3 => {
+                        let max_wait = [0, 0, 300 * MS, 2 * SEC][rng.below(4) as usize];
+                        let free = b.pace.is_none()
+                            && !b.is_paused(now)
+                            && b.spent.iter().filter(|&&t| t + q.window > now).count()
+                                < q.capacity as usize
+                            && b.spent.last().is_none_or(|&last| last <= now);
+                        let decision = b.acquire(now, q, max_wait);
+                        log.push(format!("acquire({now}, {max_wait}) = {decision:?}"));
+                        match decision {
+                            Decision::Admit { at, .. } => {
+                                assert!(at >= now && at - now <= max_wait, "seed {seed}: {log:#?}");
+                                if free {
+                                    assert!(at - now <= CLOCK_SKEW, "seed {seed}: {log:#?}");
+                                }
+                                granted.push(at);
+                            }
+                            Decision::Deny { .. } => {
+                                assert!(!free, "seed {seed}: refused a free token: {log:#?}")
+                            }
+                        }
+                    }
+                    4 if !granted.is_empty() => {
+                        let at = granted.swap_remove(rng.below(granted.len() as u64) as usize);
+                        log.push(format!("release({at})"));
+                        b.release(at);
+                    }
+                    5 if !granted.is_empty() => {
+                        let i = rng.below(granted.len() as u64) as usize;
+                        let old = granted[i];
+                        let to = now.max(old);
+                        let moved = b.restamp(old, to, q);
+                        log.push(format!("restamp({old} -> {to}) = {moved}"));
+                        if moved {
+                            granted[i] = to;
+                        }
+                    }
+                    6 => {
+                        let until = now + rng.below(3 * SEC);
+                        log.push(format!("pause({now}, {until})"));
+                        b.pause(now, until);
+                    }
+                    _ => now += rng.below(400 * MS),
+                }
+                // The log itself: any capacity + 1 consecutive stamps span at least a window.
+                let cap = q.capacity as usize;
+                for pair in b.spent.windows(cap + 1) {
+                    assert!(
+                        pair[cap] - pair[0] >= q.window,
+                        "seed {seed}: {} stamps within a window: {log:#?}",
+                        cap + 1
+                    );
+                }
+            }
         }
     }
 }

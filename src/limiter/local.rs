@@ -250,9 +250,15 @@ impl LocalBudget {
 
     fn try_confirm(&self, grant: &mut Grant, now: Instant) -> Result<(), Refusal> {
         let t = self.nanos(now);
-        let tolerance = nanos(self.policy.load().tolerance);
+        let policy = self.policy.load();
+        let tolerance = nanos(policy.tolerance);
         for stamp in grant.stamps.iter_mut().flatten() {
-            let quota = stamp.quota;
+            // A stamp that moves is judged by the limits in force now: a reload that lowered
+            // them while the request waited for a connection applies to it too.
+            let quota = match stamp.key {
+                Key::GLOBAL => policy.global.unwrap_or(stamp.quota),
+                key => policy.quota_for(key),
+            };
             let old = stamp.at;
             // The bucket may have been swept while the request waited for a connection, so it is
             // created if need be. A key paused (upstream 429) meanwhile must not send.
@@ -350,6 +356,7 @@ fn nanos(d: Duration) -> Nanos {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use std::collections::HashMap;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -551,5 +558,142 @@ mod tests {
         assert_eq!(b.tracked_keys(), 100);
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(b.tracked_keys(), 0);
+    }
+
+    /// Departures at `times`: the most in any one-second window starting at or after `from`.
+    fn worst_second(times: &[Instant], from: Instant) -> usize {
+        let mut sorted = times.to_vec();
+        sorted.sort_unstable();
+        (0..sorted.len())
+            .filter(|&i| sorted[i] >= from)
+            .map(|i| {
+                sorted[i..]
+                    .iter()
+                    .take_while(|&&t| t < sorted[i] + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Any random run of acquires (now and queued), resumes, confirms at departure (late ones
+    /// included), releases, pauses, sweeps and reloads, over three keys and a global ceiling:
+    /// no one-second window of departures holds more than the limit, per key or globally.
+    #[test]
+    fn property_no_second_of_departures_exceeds_the_limits() {
+        use crate::limiter::bucket::tests::Rng;
+        // (per key, global): two policies a reload switches between.
+        let policies = [(3, 5), (2, 4)];
+        let policy = |(rps, global): (u32, u32)| {
+            let toml = format!(
+                "[limit]\nrequests_per_second = {rps}\nglobal_requests_per_second = {global}\n"
+            );
+            Policy::new(&Config::from_toml_str(&toml).unwrap().limit, Key::of)
+        };
+        let keys = [Key::of("a"), Key::of("b"), Key::of("c")];
+        for seed in 0..200 {
+            let mut rng = Rng(seed);
+            let mut in_force = 0;
+            let b = LocalBudget::new(policy(policies[in_force]));
+            let mut now = b.epoch;
+            // The last reload, and when only stamps of its policy can be in a window.
+            let mut settled = now;
+            let mut held: Vec<Grant> = Vec::new();
+            let mut departures: HashMap<Key, Vec<(Instant, Instant)>> = HashMap::new();
+            let mut global: Vec<(Instant, Instant)> = Vec::new();
+            for _ in 0..300 {
+                match rng.below(12) {
+                    0..=3 => {
+                        let key = keys[rng.below(3) as usize];
+                        let wait = [0, 0, 500, 2000][rng.below(4) as usize];
+                        if let Ok(grant) = b.try_acquire(key, now, Duration::from_millis(wait)) {
+                            held.push(grant);
+                        }
+                    }
+                    4..=6 if !held.is_empty() => {
+                        let i = rng.below(held.len() as u64) as usize;
+                        if held[i].at > now {
+                            continue;
+                        }
+                        let mut grant = held.swap_remove(i);
+                        if grant.pending {
+                            match b.try_resume(&mut grant, now, Duration::from_secs(2)) {
+                                Ok(()) if grant.at > now => {
+                                    held.push(grant);
+                                    continue;
+                                }
+                                Ok(()) => {}
+                                Err(_) => {
+                                    b.release(&grant);
+                                    continue;
+                                }
+                            }
+                        }
+                        match b.try_confirm(&mut grant, now) {
+                            Ok(()) => {
+                                departures
+                                    .entry(grant.key)
+                                    .or_default()
+                                    .push((now, settled));
+                                if grant.stamps[1].is_some() {
+                                    global.push((now, settled));
+                                }
+                            }
+                            Err(_) => b.release(&grant),
+                        }
+                    }
+                    7 if !held.is_empty() => {
+                        let grant = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        b.release(&grant);
+                    }
+                    8 => {
+                        let key = keys[rng.below(3) as usize];
+                        b.pause(key, now, Duration::from_millis(rng.below(1500)));
+                    }
+                    9 => {
+                        b.sweep(now);
+                    }
+                    10 if rng.below(4) == 0 => {
+                        in_force = 1 - in_force;
+                        b.set_policy(policy(policies[in_force]));
+                        // Turns granted before the reload keep their places: only once the last
+                        // of them is a window old are all windows the new policy's.
+                        let last_turn = held.iter().map(|g| g.at).max().unwrap_or(now);
+                        settled = now.max(last_turn) + 1050 * MS;
+                    }
+                    _ => now += Duration::from_millis(rng.below(300)),
+                }
+            }
+            // Windows wholly after the last policy change are held to that policy; any window
+            // to the larger of the two.
+            let (max_key, max_global) = (3, 5);
+            let check = |times: &[(Instant, Instant)], limit: usize, what: &str| {
+                let all: Vec<Instant> = times.iter().map(|&(t, _)| t).collect();
+                let worst = worst_second(&all, b.epoch);
+                assert!(
+                    worst <= limit,
+                    "seed {seed}: {worst} {what} departures in a second"
+                );
+            };
+            for times in departures.values() {
+                check(times, max_key, "key");
+            }
+            check(&global, max_global, "global");
+            let (key_now, global_now) = policies[in_force];
+            for times in departures.values() {
+                let all: Vec<Instant> = times.iter().map(|&(t, _)| t).collect();
+                let worst = worst_second(&all, settled);
+                assert!(
+                    worst <= key_now as usize,
+                    "seed {seed}: {worst} after the reload"
+                );
+            }
+            let all: Vec<Instant> = global.iter().map(|&(t, _)| t).collect();
+            let worst = worst_second(&all, settled);
+            assert!(
+                worst <= global_now as usize,
+                "seed {seed}: {worst} global after the reload"
+            );
+        }
     }
 }
