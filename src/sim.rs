@@ -49,6 +49,9 @@ use crate::tmdb::status::{self, code};
 use crate::tmdb::{ErrorBody, Query, auth};
 use crate::upstream::Dialer;
 
+/// Keys whose arrivals are tracked for `rate_limit` before idle ones are forgotten.
+const MAX_TRACKED_KEYS: usize = 10_000;
+
 /// Bytes an in-memory connection buffers each way before a writer waits.
 const PIPE_BUFFER: usize = 64 * 1024;
 
@@ -135,6 +138,8 @@ struct SimConfig {
     latency: Duration,
     /// Delay before an in-memory connection is open (a TCP connect and TLS handshake).
     connect_latency: Duration,
+    /// Most arrivals remembered (the oldest go first); `None`: all.
+    keep_arrivals: Option<usize>,
     /// Answers by path, overriding the built-in TMDB-like ones.
     routes: HashMap<String, Route>,
 }
@@ -218,6 +223,13 @@ impl SimBuilder {
         self
     }
 
+    /// Remembers only the latest `n` arrivals (a stand-in serving a benchmark at 50,000 requests
+    /// a second stays within bounded memory); by default, all.
+    pub fn keep_arrivals(mut self, n: usize) -> Self {
+        self.cfg.keep_arrivals = Some(n);
+        self
+    }
+
     /// Speaks HTTPS with `tls` (tests of the proxy's upstream TLS).
     pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(tls);
@@ -271,7 +283,10 @@ impl SimBuilder {
 
 #[derive(Debug, Default)]
 struct State {
-    arrivals: Mutex<Vec<Arrival>>,
+    /// The latest arrivals, at most `SimConfig::keep_arrivals` of them.
+    arrivals: Mutex<VecDeque<Arrival>>,
+    /// Requests received in all, kept or not.
+    hits: AtomicUsize,
     /// Per-credential arrival times inside the last second, for `rate_limit`.
     windows: Mutex<HashMap<String, VecDeque<Instant>>>,
     open: AtomicUsize,
@@ -353,14 +368,17 @@ impl Sim {
         })
     }
 
-    /// Every request received so far, in arrival order.
+    /// The requests received so far (the latest, with `keep_arrivals`), in arrival order.
     pub fn arrivals(&self) -> Vec<Arrival> {
-        lock(&self.stand_in.state.arrivals).clone()
+        lock(&self.stand_in.state.arrivals)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Requests received so far.
     pub fn hits(&self) -> usize {
-        lock(&self.stand_in.state.arrivals).len()
+        self.stand_in.state.hits.load(Ordering::SeqCst)
     }
 
     /// Connections open now.
@@ -431,16 +449,25 @@ impl StandIn {
         let path = parts.uri.path().to_owned();
         let query = Query::parse(parts.uri.query());
         let credential = auth::credential(&query, &parts.headers).map(|c| c.as_sent().to_owned());
-        lock(&self.state.arrivals).push(Arrival {
-            at: now,
-            method: parts.method.clone(),
-            target: parts.uri.to_string(),
-            path: path.clone(),
-            query: parts.uri.query().map(str::to_owned),
-            credential: credential.clone(),
-            headers: parts.headers.clone(),
-            body,
-        });
+        self.state.hits.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut arrivals = lock(&self.state.arrivals);
+            if let Some(keep) = self.cfg.keep_arrivals {
+                while arrivals.len() >= keep.max(1) {
+                    arrivals.pop_front();
+                }
+            }
+            arrivals.push_back(Arrival {
+                at: now,
+                method: parts.method.clone(),
+                target: parts.uri.to_string(),
+                path: path.clone(),
+                query: parts.uri.query().map(str::to_owned),
+                credential: credential.clone(),
+                headers: parts.headers.clone(),
+                body,
+            });
+        }
 
         if !self.cfg.latency.is_zero() {
             tokio::time::sleep(self.cfg.latency).await;
@@ -464,6 +491,14 @@ impl StandIn {
     fn over_rate_limit(&self, credential: String, now: Instant) -> Option<Response<SimBody>> {
         let limit = self.cfg.rate_limit?;
         let mut windows = lock(&self.state.windows);
+        // Keys seen once and not since are forgotten, so invented keys cannot grow the map.
+        if windows.len() >= MAX_TRACKED_KEYS {
+            windows.retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|&t| now - t < Duration::from_secs(1))
+            });
+        }
         let window = windows.entry(credential).or_default();
         while window
             .front()
@@ -650,5 +685,25 @@ mod tests {
         let times = [ms(0), ms(500), ms(999), ms(1000), ms(1001)];
         assert_eq!(max_in_window(&times, Duration::from_secs(1)), 4);
         assert_eq!(max_in_window(&[], Duration::from_secs(1)), 0);
+    }
+}
+
+#[cfg(test)]
+mod bounded {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stand_in_keeping_few_arrivals_still_counts_every_hit() {
+        let sim = Sim::builder().keep_arrivals(3).start().await.unwrap();
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Empty<Bytes>>();
+        for id in 0..5 {
+            let uri = format!("{}/3/movie/{id}?api_key=K", sim.url());
+            let response = client.request(Request::get(uri).body(Default::default()).unwrap());
+            assert_eq!(response.await.unwrap().status(), 200);
+        }
+        assert_eq!(sim.hits(), 5);
+        let kept: Vec<String> = sim.arrivals().into_iter().map(|a| a.path).collect();
+        assert_eq!(kept, ["/3/movie/2", "/3/movie/3", "/3/movie/4"]);
     }
 }
