@@ -218,20 +218,18 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_log_line_shows_a_key_or_token() {
+async fn no_output_shows_a_key_or_token() {
     let sim = sim_with(Sim::builder().json("/3/html", 502, "<html>edge error</html>")).await;
-    let proxy = Process::start(
-        "secrets",
-        &config_for(
-            &sim,
-            "[keys]\ndefault_api_key = \"DEFAULTSECRET0001\"\n[log]\nlevel = \"debug\"\n",
-        ),
-    )
-    .await;
+    // A key in every place a configuration can hold one.
+    let secrets_toml = "[keys]\ndefault_api_key = \"DEFAULTSECRET0001\"\n\
+        [keys.aliases]\nweb = \"ALIASSECRET0005\"\n\
+        [[limit.overrides]]\nkey = \"OVERRIDESECRET0006\"\nrequests_per_second = 10\n\
+        [log]\nlevel = \"debug\"\n";
+    let proxy = Process::start("secrets", &config_for(&sim, secrets_toml)).await;
     let client = http1_client();
     let jwt = jwt_with_aud("AUDSECRET0003");
     let bearer = format!("Bearer {jwt}");
-    let requests: [(&str, Vec<(&str, &str)>); 6] = [
+    let requests: [(&str, Vec<(&str, &str)>); 9] = [
         ("/3/movie/1?api_key=QUERYSECRET0002", vec![]),
         ("/3/movie/2", vec![("authorization", bearer.as_str())]),
         (
@@ -241,10 +239,36 @@ async fn no_log_line_shows_a_key_or_token() {
         ("/3/movie/4", vec![]),
         ("/3/html?api_key=QUERYSECRET0002", vec![]),
         ("/3/movie/5?api_key=QUERYSECRET0002&page=0", vec![]),
+        ("/3/movie/6?api_key=ALIASSECRET0005", vec![]),
+        ("/3/movie/7?api_key=OVERRIDESECRET0006", vec![]),
+        (
+            "/3/movie/8?api_key=QUERYSECRET0002",
+            vec![("authorization", "Bearer OPAQUESECRET0004")],
+        ),
     ];
     for (path, headers) in &requests {
         get_with(&client, &proxy.url(path), headers).await;
     }
+    let metrics = get(&client, &proxy.admin_url("/metrics")).await;
+    // A reload of a file whose broken line holds a key is refused, naming only the place.
+    let broken = format!(
+        "{}[keys]\ndefault_api_key = \"BROKENSECRET0007\n",
+        config_for(&sim, "")
+    );
+    std::fs::write(&proxy.config, &broken).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || proxy.count("reload refused")
+            >= 1)
+        .await,
+        "the broken reload is refused"
+    );
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))
+        .args(["check", "--config"])
+        .arg(&proxy.config)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(64));
     proxy.signal("TERM");
     let lines = proxy.log();
     assert!(proxy.wait(Duration::from_secs(15)).await == Some(0));
@@ -252,15 +276,22 @@ async fn no_log_line_shows_a_key_or_token() {
         lines.iter().any(|l| l.contains("request")),
         "requests were logged"
     );
+    let mut outputs: Vec<String> = lines;
+    outputs.push(metrics.text().to_owned());
+    outputs.push(String::from_utf8_lossy(&check.stdout).into_owned());
+    outputs.push(String::from_utf8_lossy(&check.stderr).into_owned());
     for secret in [
         "DEFAULTSECRET0001",
         "QUERYSECRET0002",
         "AUDSECRET0003",
         "OPAQUESECRET0004",
+        "ALIASSECRET0005",
+        "OVERRIDESECRET0006",
+        "BROKENSECRET0007",
         jwt.as_str(),
     ] {
-        for line in &lines {
-            assert!(!line.contains(secret), "{secret} logged: {line}");
+        for output in &outputs {
+            assert!(!output.contains(secret), "{secret} shown: {output}");
         }
     }
 }
