@@ -255,6 +255,8 @@ struct RawServer {
     h2_max_concurrent_streams: u32,
     max_header_bytes: ByteSize,
     max_request_body: ByteSize,
+    allowed_hosts: StringList,
+    cors_origins: StringList,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -272,6 +274,8 @@ impl Default for RawServer {
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             max_header_bytes: ByteSize(DEFAULT_MAX_HEADER_BYTES),
             max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
+            allowed_hosts: StringList::List(Vec::new()),
+            cors_origins: StringList::List(Vec::new()),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -478,6 +482,11 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Most bytes of a request body; a request is read whole before it may spend a token.
     pub max_request_body: usize,
+    /// The proxy's own names (`host` or `host:port`, lowercase), checked against `Host` when the
+    /// proxy injects its key. Empty: the loopback names on a loopback listener, else any.
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose pages may use the injected key (`https://app.example`, or `*`). Empty: none.
+    pub cors_origins: Vec<String>,
     /// A client that has not sent its request headers within this is disconnected; one that has
     /// not sent its whole request body within this, counted from its headers, gets 408.
     pub header_read_timeout: Duration,
@@ -709,10 +718,13 @@ impl Config {
     /// restart (sockets, logging, the sweeper's period), named for the warning a reload logs.
     /// Everything else a reload puts in force.
     pub fn restart_required(&self, running: &Config) -> Vec<&'static str> {
-        // The request size limits are read per request; the rest of [server] is the listener's.
+        // The request limits and names are read per request; the rest of [server] is the
+        // listener's.
         let sockets = |server: &ServerConfig| ServerConfig {
             max_header_bytes: 0,
             max_request_body: 0,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
             ..server.clone()
         };
         [
@@ -786,11 +798,40 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
             0,
             MAX_REQUEST_BODY,
         )?,
+        allowed_hosts: names("server.allowed_hosts", raw.allowed_hosts, |host| {
+            !host.contains(['/', '@', ' ']) && !host.is_empty()
+        })?,
+        cors_origins: names("server.cors_origins", raw.cors_origins, |origin| {
+            origin == "*"
+                || ((origin.starts_with("https://") || origin.starts_with("http://"))
+                    && !origin.trim_end_matches('/').contains(['@', ' '])
+                    && origin.matches('/').count() == 2)
+        })?,
         header_read_timeout: positive("server.header_read_timeout", raw.header_read_timeout)?,
         idle_timeout: positive("server.idle_timeout", raw.idle_timeout)?,
         shutdown_timeout: bounded("server.shutdown_timeout", raw.shutdown_timeout)?,
         tls: validate_tls(raw.tls)?,
     })
+}
+
+/// The items of `list`, trimmed and lowercased, each checked by `valid`.
+fn names(
+    key: &'static str,
+    list: StringList,
+    valid: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, ConfigError> {
+    let mut items = Vec::new();
+    for item in list.into_items() {
+        let item = item.trim().trim_end_matches('/').to_ascii_lowercase();
+        if item.is_empty() {
+            continue;
+        }
+        if !valid(&item) {
+            return Err(invalid(key, format!("`{item}` is not a valid entry")));
+        }
+        items.push(item);
+    }
+    Ok(items)
 }
 
 fn validate_tls(raw: RawTls) -> Result<Option<TlsConfig>, ConfigError> {

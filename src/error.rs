@@ -32,6 +32,12 @@ pub enum ProxyError {
     /// An absolute-form request target naming a host other than the upstream.
     #[error("request target names a host other than the upstream")]
     ForeignTarget,
+    /// A request that would spend the injected key names a host that is not the proxy's.
+    #[error("Host is not one of server.allowed_hosts")]
+    HostNotAllowed,
+    /// A browser page of an origin not in `server.cors_origins` would spend the injected key.
+    #[error("Origin is not one of server.cors_origins")]
+    OriginNotAllowed,
     /// A path outside `upstream.paths`.
     #[error("path is outside the forwarded API paths")]
     PathNotAllowed,
@@ -72,7 +78,10 @@ impl ProxyError {
             Self::MissingKey => ErrorBody::for_code(code::INVALID_API_KEY),
             Self::RateLimited(r) => ErrorBody::rate_limited(u64::from(r.count), u64::from(r.limit)),
             Self::MethodNotAllowed(_) => ErrorBody::for_code(code::METHOD_NOT_SUPPORTED),
-            Self::ForeignTarget | Self::BodyBroken(_) => ErrorBody::for_code(code::INVALID_INPUT),
+            Self::ForeignTarget | Self::HostNotAllowed | Self::BodyBroken(_) => {
+                ErrorBody::for_code(code::INVALID_INPUT)
+            }
+            Self::OriginNotAllowed => ErrorBody::for_code(code::AUTHENTICATION_FAILED),
             // TMDB's body for invalid input, with the status that says what was wrong.
             Self::HeadersTooLarge => ErrorBody {
                 http: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

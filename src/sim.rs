@@ -102,8 +102,6 @@ pub enum Fault {
     /// Sends 200 headers declaring a `Content-Length` of `length` and a few bytes, then breaks
     /// the body.
     BreakBody { length: u64 },
-    /// Answers 401 (TMDB's code 7) at once, without reading the request body.
-    AnswerEarly,
 }
 
 impl Route {
@@ -434,18 +432,11 @@ impl StandIn {
     async fn answer(&self, req: Request<Incoming>) -> Result<Response<SimBody>, io::Error> {
         let now = Instant::now();
         let (parts, body) = req.into_parts();
-        let early = matches!(
-            self.cfg.routes.get(parts.uri.path()),
-            Some(Route::Fault(Fault::AnswerEarly))
-        );
-        let body = match early {
-            true => Bytes::new(),
-            false => body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default(),
-        };
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let path = parts.uri.path().to_owned();
         let query = Query::parse(parts.uri.query());
         let credential = auth::credential(&query, &parts.headers).map(|c| c.as_sent().to_owned());
@@ -591,7 +582,6 @@ async fn route_response(route: &Route) -> Result<Response<SimBody>, io::Error> {
             response
         }
         Route::Stall => std::future::pending().await,
-        Route::Fault(Fault::AnswerEarly) => tmdb_error(ErrorBody::for_code(code::INVALID_API_KEY)),
         Route::Fault(Fault::Close) => {
             return Err(io::Error::other("closing without an answer"));
         }

@@ -607,3 +607,69 @@ async fn the_idle_timeout_never_cuts_a_response_still_in_progress() {
     assert_eq!(answered.elapsed(), Duration::from_millis(300));
     drop(sender);
 }
+
+#[tokio::test]
+async fn only_listed_pages_and_the_proxys_own_names_may_spend_the_injected_key() {
+    let harness = InProcess::new(
+        "[keys]\ndefault_api_key = \"DEFAULTKEY0123\"\n\
+         [server]\ncors_origins = [\"https://app.example\"]\n",
+        sim().await,
+    );
+    // A page of another origin: refused before anything is spent or sent.
+    let foreign = harness
+        .get_with(
+            "/3/movie/1",
+            &[
+                ("host", "localhost:8080"),
+                ("origin", "https://evil.example"),
+            ],
+        )
+        .await;
+    assert_eq!(foreign.status, 401);
+    assert_eq!(foreign.json()["status_code"], 3);
+    assert!(foreign.header("access-control-allow-origin").is_none());
+    // A DNS-rebinding page: its own name, resolving to loopback.
+    let rebound = harness
+        .get_with("/3/movie/1", &[("host", "evil.example:8080")])
+        .await;
+    assert_eq!(rebound.status, 400);
+    assert_eq!(rebound.json()["status_code"], 47);
+    assert_eq!(harness.sim.hits(), 0);
+    // The listed page, by the proxy's own name: its origin is named, never `*`.
+    let app = harness
+        .get_with(
+            "/3/movie/1",
+            &[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "https://app.example"),
+            ],
+        )
+        .await;
+    assert_eq!(app.status, 200);
+    assert_eq!(
+        app.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(app.header("vary"), Some("origin"));
+    // A preflight from an unlisted origin gets no CORS permission.
+    let preflight = harness
+        .call(
+            Request::options("/3/movie/1")
+                .header("origin", "https://evil.example")
+                .header("access-control-request-method", "GET")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(preflight.status, 204);
+    assert!(preflight.header("access-control-allow-origin").is_none());
+    // A request with its own key is not concerned: CORS as TMDB does it.
+    let own = harness
+        .get_with(
+            "/3/movie/1?api_key=OWN",
+            &[("host", "evil.example"), ("origin", "https://evil.example")],
+        )
+        .await;
+    assert_eq!(own.status, 200);
+    assert_eq!(own.header("access-control-allow-origin"), Some("*"));
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
+use super::guard::Cors;
 use crate::limiter::{Key, RateState};
 use crate::tmdb::auth;
 
@@ -60,6 +61,8 @@ pub struct RequestCtx {
     pub upstream_answered: bool,
     /// The pause an upstream 429 imposed on the key.
     pub upstream_429: Option<Duration>,
+    /// What the answer's `Access-Control-Allow-Origin` says.
+    pub cors: Cors,
 }
 
 impl RequestCtx {
@@ -77,6 +80,7 @@ impl RequestCtx {
             upstream_latency: None,
             upstream_answered: false,
             upstream_429: None,
+            cors: Cors::Any,
         }
     }
 }

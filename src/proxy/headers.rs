@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
+use super::guard::Cors;
 use crate::limiter::RateState;
 
 /// IETF `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): the policy, stable per key.
@@ -43,12 +44,25 @@ const EXPOSED: HeaderValue = HeaderValue::from_static(
     "retry-after, ratelimit, ratelimit-policy, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, x-request-id",
 );
 
-/// CORS, as TMDB's API does it (any origin): `Access-Control-Allow-Origin: *` unless the upstream
-/// already set one, and the limit fields exposed so browser clients can honour them.
-pub fn insert_cors(headers: &mut HeaderMap) {
-    headers
-        .entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-        .or_insert(HeaderValue::from_static("*"));
+/// CORS: as TMDB's API does it (`Access-Control-Allow-Origin: *` unless the upstream set one), or,
+/// for an answer that spent the injected key, the one allowed origin or none (see `guard`); and
+/// the limit fields exposed so browser clients can honour them.
+pub fn insert_cors(headers: &mut HeaderMap, cors: &Cors) {
+    match cors {
+        Cors::Any => {
+            headers
+                .entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .or_insert(HeaderValue::from_static("*"));
+        }
+        Cors::Origin(origin) => {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            headers.append(header::VARY, HeaderValue::from_static("origin"));
+        }
+        Cors::Closed => {
+            headers.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+            return;
+        }
+    }
     headers
         .entry(header::ACCESS_CONTROL_EXPOSE_HEADERS)
         .or_insert(EXPOSED);

@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod body;
 pub mod ctx;
+pub mod guard;
 pub mod headers;
 pub mod phases;
 mod settings;
@@ -237,6 +238,9 @@ impl Proxy {
         phases::check_size(&parts, settings.max_header_bytes)?;
         if headers::is_preflight(&parts.method, &parts.headers) {
             ctx.preflight = true;
+            if let Some(guard) = &settings.guard {
+                ctx.cors = guard.cors(&parts.headers);
+            }
             return Ok(phases::preflight(&parts.headers));
         }
         // request_filter: never forwarded, ambiguous, whose budget, what TMDB would refuse. The query is
@@ -247,6 +251,10 @@ impl Proxy {
             phases::check_credentials(&query, &parts.headers)?;
             let identity = phases::identify(&parts.headers, &query, settings.rules.default_key)?;
             ctx.key = Some(identity.key);
+            if let (Source::Default, Some(guard)) = (identity.source, &settings.guard) {
+                ctx.cors = guard.cors(&parts.headers);
+                guard.admit(&parts)?;
+            }
             phases::check_query(&query, settings.rules.savers)?;
             let default_key = settings.default_key.as_ref();
             let target = phases::upstream_target(&parts.uri, &query, identity, default_key);
@@ -330,7 +338,7 @@ impl Proxy {
         if status == StatusCode::TOO_MANY_REQUESTS {
             headers::ensure_retry_after(out, rate.map(|r| r.reset_after).unwrap_or_default());
         }
-        headers::insert_cors(out);
+        headers::insert_cors(out, &ctx.cors);
         out.insert(X_REQUEST_ID, ctx.id.clone());
 
         let metrics = &self.shared.metrics;
@@ -382,6 +390,8 @@ fn classify(
                 | ProxyError::BodyTimeout
                 | ProxyError::BodyBroken(_)
                 | ProxyError::ForeignTarget
+                | ProxyError::HostNotAllowed
+                | ProxyError::OriginNotAllowed
                 | ProxyError::PathNotAllowed
                 | ProxyError::Refused(_) => Outcome::RejectedInvalid,
                 ProxyError::Upstream(_) | ProxyError::UpstreamStatus { .. } => {

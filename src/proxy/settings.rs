@@ -12,6 +12,7 @@ use crate::upstream::{BuildError, Dialer, Upstream};
 
 use super::body::Delivery;
 use super::ctx::budget_key;
+use super::guard::Guard;
 use super::phases::RequestRules;
 
 /// Settings in force for the requests that start now.
@@ -33,6 +34,8 @@ pub(super) struct Settings {
     pub(super) body_timeout: Duration,
     /// The key injected into requests that carry none.
     pub(super) default_key: Option<Secret>,
+    /// Who may spend it (set only when there is one).
+    pub(super) guard: Option<Guard>,
     /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
     pub(super) aliases: HashMap<Key, Arc<str>>,
 }
@@ -83,6 +86,7 @@ impl Settings {
                 min_rate: cfg.upstream.min_delivery_rate,
                 frame_timeout: cfg.upstream.request_timeout,
             },
+            guard: default_key.as_ref().map(|_| Guard::new(&cfg.server)),
             default_key,
             aliases,
         })

@@ -198,6 +198,8 @@ pub const CONTENT_TYPE: &str = "application/json;charset=utf-8";
 
 /// Codes the proxy itself answers with, named for readability at the call sites.
 pub mod code {
+    /// Authentication failed: a page of an origin not allowed to spend the injected key.
+    pub const AUTHENTICATION_FAILED: u16 = 3;
     /// Invalid API key: a request with no key and no default to inject.
     pub const INVALID_API_KEY: u16 = 7;
     /// Service offline.
