@@ -103,6 +103,8 @@ impl ProxyError {
                 | UpstreamError::BodyTimeout,
             ) => ErrorBody::for_code(code::TIMED_OUT),
             Self::Upstream(UpstreamError::Failed(_)) => ErrorBody::for_code(code::BAD_GATEWAY),
+            // Every upstream connection busy and the waiting room full: the proxy as a whole.
+            Self::Upstream(UpstreamError::Busy(_)) => ErrorBody::for_code(code::SERVICE_OFFLINE),
         }
     }
 

@@ -187,3 +187,41 @@ async fn a_waiter_that_gives_up_leaves_its_connection_to_the_next() {
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     assert_eq!(harness.sim.accepted_connections(), 4);
 }
+
+#[tokio::test(start_paused = true)]
+async fn invented_keys_fill_no_one_elses_turn_at_the_pool() {
+    let sim = sim_with(Sim::builder().latency(Duration::from_millis(100))).await;
+    let harness = InProcess::new("[upstream]\nmax_connections = 2\n", sim);
+    // A real key, answered with success before: known.
+    assert_eq!(harness.get("/3/movie/1?api_key=REAL").await.status, 200);
+    // A client invents 150 keys and sends two requests with each, all at once.
+    let start = tokio::time::Instant::now();
+    let flood: Vec<_> = (0..300)
+        .map(|i| harness.spawn_get(&format!("/3/movie/{i}?api_key=INVENTED{}", i / 2)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // The real key's next request goes as soon as a connection is free (100 ms), ahead of
+    // every invented one, and is answered 100 ms later.
+    let real = harness.get("/3/movie/2?api_key=REAL").await;
+    assert_eq!(real.status, 200);
+    assert_eq!(start.elapsed(), Duration::from_millis(200));
+    // The waiting room holds 128 (64 per connection), and the real key took the place of one
+    // invented request: the rest were told at once, with a TMDB body and Retry-After, rather
+    // than timing out later (503 code 9 when the room was full, 429 code 25 when their key's
+    // place went to another).
+    let mut refused = 0;
+    for request in flood {
+        let reply = request.await.unwrap();
+        match reply.status.as_u16() {
+            200 => {}
+            503 => assert_eq!(reply.json()["status_code"], 9),
+            429 => assert_code_25(&reply, 50),
+            other => panic!("unexpected {other}"),
+        }
+        if reply.status != 200 {
+            assert_eq!(reply.header("retry-after"), Some("1"));
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 300 - 2 - 127);
+}

@@ -149,6 +149,8 @@ pub enum Reason {
     NoLongerFits,
     /// The upstream itself answered 429 (its body was not TMDB's, so the proxy writes one).
     UpstreamRateLimited,
+    /// Every upstream connection is busy and the key already waits for its share of them.
+    ConnectionShare,
 }
 
 /// A request refused over a limit: why, and what its client is told.

@@ -28,6 +28,11 @@ impl Key {
         Self(hasher.finish())
     }
 
+    /// The hash, as an opaque number (the pool takes turns between keys by it).
+    pub fn id(&self) -> u64 {
+        self.0
+    }
+
     /// A short, non-reversible label for logs.
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint((self.0 >> 32) as u32)

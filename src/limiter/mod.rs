@@ -6,6 +6,7 @@
 //!   [`Grant`], [`Refusal`], [`RateState`], [`Policy`].
 //! - [`local`]: [`LocalBudget`], the budget of one process.
 //! - [`key`]: [`Key`], the hashed identity of a budget.
+//! - [`known`]: [`KnownKeys`], keys the upstream lately answered with success.
 //!
 //! The limiter knows nothing of HTTP, credentials or tracing spans: it sees a [`Key`] and a `now`,
 //! and answers a grant or a refusal that the proxy turns into headers and bodies.
@@ -13,11 +14,13 @@
 pub mod bucket;
 pub mod budget;
 pub mod key;
+pub mod known;
 pub mod local;
 pub mod store;
 
 pub use bucket::{CLOCK_SKEW, Decision, Nanos, Quota};
 pub use budget::{Budget, Grant, Pending, Policy, RateState, Reason, Refusal, Stamp};
 pub use key::{Fingerprint, Key};
+pub use known::KnownKeys;
 pub use local::LocalBudget;
 pub use store::Store;

@@ -35,8 +35,8 @@ use tokio::time::Instant;
 
 use super::ctx::RequestCtx;
 use crate::error::ProxyError;
-use crate::limiter::{Budget, Grant, Key, RateState, Reason, Refusal};
-use crate::upstream::{Lease, Upstream};
+use crate::limiter::{Budget, Grant, Key, KnownKeys, RateState, Reason, Refusal};
+use crate::upstream::{Busy, Lease, Standing, Upstream, UpstreamError};
 
 /// How often a request may queue again because its token no longer fitted by the time it had a
 /// connection (a slow or saturated upstream); then it is answered 429.
@@ -52,6 +52,8 @@ pub struct Admission {
     answer_by: watch::Sender<Option<Instant>>,
     /// Requests asleep until their queued slot.
     queued: AtomicUsize,
+    /// Keys the upstream lately answered with success: first in line for a connection.
+    known: KnownKeys,
 }
 
 impl Admission {
@@ -61,6 +63,7 @@ impl Admission {
             drain: watch::Sender::new(None),
             answer_by: watch::Sender::new(None),
             queued: AtomicUsize::new(0),
+            known: KnownKeys::default(),
         }
     }
 
@@ -96,22 +99,32 @@ impl Admission {
         }
     }
 
+    /// The upstream answered a request of `key` with success: its later requests are first in
+    /// line for a connection.
+    pub fn succeeded(&self, key: Key) {
+        self.known.note_success(key, Instant::now());
+    }
+
     /// The key's standing now, without spending (for requests refused before admission).
     pub fn standing(&self, key: Key) -> RateState {
         self.budget.peek(key, Instant::now())
     }
 
     /// Admits a request of `key`: its token (queueing up to `max_wait`), then a ready connection
-    /// of `upstream`, then the token confirmed at departure, or all of it again. On success the
-    /// token is spent and the connection is the request's to send on.
+    /// of `upstream` (in turn with other keys waiting), then the token confirmed at departure, or
+    /// all of it again. On success the token is spent, and the connection is the request's to
+    /// send on until the returned deadline for the upstream's answer.
     pub async fn admit(
         &self,
         key: Key,
         max_wait: Duration,
         upstream: &Upstream,
         ctx: &mut RequestCtx,
-    ) -> Result<Lease, ProxyError> {
+    ) -> Result<(Lease, Instant), ProxyError> {
         let since = Instant::now();
+        // From its first token on, a request has `request_timeout` for its connection and the
+        // upstream's answer together, whatever re-queueing happens between.
+        let mut deadline = None;
         let mut attempt = 1;
         loop {
             let mut held = match self.token(key, since, max_wait).await {
@@ -120,11 +133,28 @@ impl Admission {
             };
             ctx.rate = Some(held.grant.rate);
             ctx.waited = held.grant.at.saturating_duration_since(since);
-            let lease = upstream.checkout(upstream.deadline()).await?;
+            let deadline = *deadline.get_or_insert_with(|| upstream.deadline());
+            let standing = match self.known.is_known(key, Instant::now()) {
+                true => Standing::Known,
+                false => Standing::Unknown,
+            };
+            let lease = match upstream.checkout(key.id(), standing, deadline).await {
+                Ok(lease) => lease,
+                // The key already waits for its share of the connections: its own 429.
+                Err(UpstreamError::Busy(Busy::ShareSpent)) => {
+                    let limit = held.grant.rate.limit;
+                    let wait = Duration::from_secs(1);
+                    return Err(refused(
+                        ctx,
+                        Refusal::new(Reason::ConnectionShare, limit, 0, wait),
+                    ));
+                }
+                Err(error) => return Err(error.into()),
+            };
             match self.budget.confirm(&mut held.grant, Instant::now()).await {
                 Ok(()) => {
                     held.sent();
-                    return Ok(lease);
+                    return Ok((lease, deadline));
                 }
                 Err(refusal) if attempt >= MAX_ATTEMPTS => return Err(refused(ctx, refusal)),
                 // The token no longer fits: give the connection back (then the token, as `held`

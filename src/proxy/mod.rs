@@ -268,11 +268,10 @@ impl Proxy {
         let upstream_req =
             phases::upstream_request(parts, body, target, &settings.rules.upstream, client.ip())?;
         let admission = &self.shared.admission;
-        let lease = admission
+        let (lease, deadline) = admission
             .admit(identity.key, settings.max_wait, &settings.upstream, ctx)
             .await?;
 
-        let deadline = settings.upstream.deadline();
         let exchange = async {
             let sent = Instant::now();
             let result = settings.upstream.send(lease, upstream_req, deadline).await;
@@ -337,10 +336,15 @@ impl Proxy {
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             headers::ensure_retry_after(out, rate.map(|r| r.reset_after).unwrap_or_default());
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers::ensure_retry_after(out, std::time::Duration::from_secs(1));
         }
         headers::insert_cors(out, &ctx.cors);
         out.insert(X_REQUEST_ID, ctx.id.clone());
 
+        if let (true, Some(key)) = (ctx.upstream_answered && status.is_success(), ctx.key) {
+            self.shared.admission.succeeded(key);
+        }
         let metrics = &self.shared.metrics;
         metrics.record_request(outcome, tmdb_code, settings.alias(ctx.key));
         if ctx.upstream_429.is_some() {

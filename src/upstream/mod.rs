@@ -8,6 +8,7 @@
 
 mod connect;
 mod pool;
+mod slots;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -22,6 +23,7 @@ use connect::Connector;
 pub use connect::Dialer;
 pub use pool::{Lease, LeasedBody};
 use pool::{Pool, chain};
+pub use slots::{Busy, Standing, Tenant, WAITING_PER_CONNECTION};
 
 use crate::config::UpstreamConfig;
 
@@ -55,6 +57,15 @@ pub enum UpstreamError {
     /// Refused, unresolvable, TLS failure, reset, or a reply that is not HTTP.
     #[error("upstream request failed: {0}")]
     Failed(String),
+    /// No connection for this request in time: the pool's waiting room is full.
+    #[error("no upstream connection free: {0:?}")]
+    Busy(Busy),
+}
+
+impl From<Busy> for UpstreamError {
+    fn from(busy: Busy) -> Self {
+        Self::Busy(busy)
+    }
 }
 
 impl UpstreamError {
@@ -125,9 +136,15 @@ impl Upstream {
         Instant::now() + self.request_timeout
     }
 
-    /// A ready connection, waiting for a free one (or a new one) until `deadline`.
-    pub async fn checkout(&self, deadline: Instant) -> Result<Lease, UpstreamError> {
-        tokio::time::timeout_at(deadline, self.pool.checkout())
+    /// A ready connection for a request of `tenant` (its key), waiting for a free one (or a new
+    /// one) until `deadline`, in turn with the other keys waiting (known keys first).
+    pub async fn checkout(
+        &self,
+        tenant: Tenant,
+        standing: Standing,
+        deadline: Instant,
+    ) -> Result<Lease, UpstreamError> {
+        tokio::time::timeout_at(deadline, self.pool.checkout(tenant, standing))
             .await
             .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
     }

@@ -26,11 +26,12 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::connect::Connector;
+use super::slots::{Slot, Slots, Standing, Tenant};
 use super::{UpstreamBody, UpstreamError};
 
 /// How long a pooled connection may take to become ready again after its last response.
@@ -60,7 +61,7 @@ pub(super) struct Inner {
     connector: Connector,
     target: Uri,
     idle: Mutex<Vec<Idle>>,
-    leases: Arc<Semaphore>,
+    slots: Arc<Slots>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Response bodies that broke after their headers had gone to the client.
@@ -78,7 +79,7 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("target", &self.inner.target)
             .field("idle", &lock(&self.inner.idle).len())
-            .field("free_leases", &self.inner.leases.available_permits())
+            .field("slots", &self.inner.slots.load())
             .finish()
     }
 }
@@ -100,7 +101,7 @@ impl Pool {
             connector,
             target,
             idle: Mutex::new(Vec::new()),
-            leases: Arc::new(Semaphore::new(max_connections)),
+            slots: Slots::new(max_connections),
             connect_timeout,
             idle_timeout,
             broken_bodies,
@@ -109,32 +110,31 @@ impl Pool {
         Self { inner }
     }
 
-    /// A ready connection: an idle one if any is usable, else a new one once a permit is free.
-    pub(super) async fn checkout(&self) -> Result<Lease, UpstreamError> {
-        let permit = self
-            .inner
-            .leases
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| UpstreamError::Failed("connection pool closed".into()))?;
+    /// A ready connection for a request of `tenant`: an idle one if any is usable, else a new one,
+    /// once a slot is free (in turn between the keys waiting; see `slots`).
+    pub(super) async fn checkout(
+        &self,
+        tenant: Tenant,
+        standing: Standing,
+    ) -> Result<Lease, UpstreamError> {
+        let slot = self.inner.slots.acquire(tenant, standing).await?;
         if let Some(conn) = self.inner.take_idle().await {
-            return Ok(Lease::new(conn, permit, &self.inner, true));
+            return Ok(Lease::new(conn, slot, &self.inner, true));
         }
-        // The connect runs in a task of its own, holding the permit: if this request gives up
+        // The connect runs in a task of its own, holding the slot: if this request gives up
         // meanwhile, the connection is not wasted (nor its TLS handshake aborted) but goes idle
         // for the next one.
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let connected = inner.connect().await;
-            if let Err((Ok(conn), permit)) = tx.send((connected, permit)) {
+            if let Err((Ok(conn), slot)) = tx.send((connected, slot)) {
                 inner.put_idle(conn);
-                drop(permit);
+                drop(slot);
             }
         });
         match rx.await {
-            Ok((Ok(conn), permit)) => Ok(Lease::new(conn, permit, &self.inner, false)),
+            Ok((Ok(conn), slot)) => Ok(Lease::new(conn, slot, &self.inner, false)),
             Ok((Err(error), _)) => Err(error),
             Err(_) => Err(UpstreamError::Failed("connect task ended".into())),
         }
@@ -227,7 +227,7 @@ pub(super) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// back only if the exchange ended cleanly.
 pub struct Lease {
     conn: Option<Conn>,
-    permit: Option<OwnedSemaphorePermit>,
+    slot: Option<Slot>,
     pool: Weak<Inner>,
     /// Taken from the idle list (so it may have been closed by the upstream meanwhile).
     reused: bool,
@@ -244,10 +244,10 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    fn new(conn: Conn, permit: OwnedSemaphorePermit, pool: &Arc<Inner>, reused: bool) -> Self {
+    fn new(conn: Conn, slot: Slot, pool: &Arc<Inner>, reused: bool) -> Self {
         Self {
             conn: Some(conn),
-            permit: Some(permit),
+            slot: Some(slot),
             pool: Arc::downgrade(pool),
             reused,
             reusable: true,
@@ -307,18 +307,18 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let (true, Some(conn), Some(permit), Some(pool)) = (
+        if let (true, Some(conn), Some(slot), Some(pool)) = (
             self.reusable,
             self.conn.take(),
-            self.permit.take(),
+            self.slot.take(),
             self.pool.upgrade(),
         ) {
-            // Idle, its permit freed: the next checkout takes it, waiting (briefly) for it to be
+            // Idle, its slot freed: the next checkout takes it, waiting (briefly) for it to be
             // ready if its exchange is still finishing, or closes it.
             pool.put_idle(conn);
-            drop(permit);
+            drop(slot);
         }
-        // Otherwise the connection (if any) closes as it drops, and the permit is freed after.
+        // Otherwise the connection (if any) closes as it drops, and the slot is freed after.
     }
 }
 
