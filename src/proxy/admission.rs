@@ -120,7 +120,7 @@ impl Admission {
         max_wait: Duration,
         upstream: &Upstream,
         ctx: &mut RequestCtx,
-    ) -> Result<(Lease, Instant), ProxyError> {
+    ) -> Result<(Lease, Instant, Grant), ProxyError> {
         let since = Instant::now();
         // From its first token on, a request has `request_timeout` for its connection and the
         // upstream's answer together, whatever re-queueing happens between.
@@ -153,8 +153,9 @@ impl Admission {
             };
             match self.budget.confirm(&mut held.grant, Instant::now()).await {
                 Ok(()) => {
+                    let grant = held.grant.clone();
                     held.sent();
-                    return Ok((lease, deadline));
+                    return Ok((lease, deadline, grant));
                 }
                 Err(refusal) if attempt >= MAX_ATTEMPTS => return Err(refused(ctx, refusal)),
                 // The token no longer fits: give the connection back (then the token, as `held`
@@ -237,6 +238,23 @@ impl Admission {
                         return Err(Refusal::new(Reason::Draining, limit, 0, wait));
                     }
                 }
+            }
+        }
+    }
+
+    /// A request about to leave again, later than its token was confirmed for (its pooled
+    /// connection was stale and has been replaced): its stamps move to now if they still fit.
+    /// If not, its tokens go back and it is refused.
+    pub async fn reconfirm(
+        &self,
+        grant: &mut Grant,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), ProxyError> {
+        match self.budget.confirm(grant, Instant::now()).await {
+            Ok(()) => Ok(()),
+            Err(refusal) => {
+                self.budget.release(grant);
+                Err(refused(ctx, refusal))
             }
         }
     }

@@ -36,7 +36,7 @@ use crate::limiter::{Budget, Key, LocalBudget, Policy, Reason};
 use crate::metrics::{Metrics, Outcome};
 use crate::tmdb::Query;
 use crate::tmdb::status::code;
-use crate::upstream::{BoxError, BuildError, Dialer, UpstreamError};
+use crate::upstream::{BoxError, BuildError, Dialer, Sent, UpstreamError};
 use admission::Admission;
 pub use body::ProxyBody;
 pub use ctx::RequestCtx;
@@ -268,15 +268,31 @@ impl Proxy {
         let upstream_req =
             phases::upstream_request(parts, body, target, &settings.rules.upstream, client.ip())?;
         let admission = &self.shared.admission;
-        let (lease, deadline) = admission
+        let (lease, deadline, grant) = admission
             .admit(identity.key, settings.max_wait, &settings.upstream, ctx)
             .await?;
 
         let exchange = async {
             let sent = Instant::now();
-            let result = settings.upstream.send(lease, upstream_req, deadline).await;
+            let response = match settings.upstream.send(lease, upstream_req, deadline).await {
+                Ok(Sent::Answered(response)) => Ok(response),
+                // Its pooled connection was stale, so the request leaves later than planned:
+                // its token is confirmed again first.
+                Ok(Sent::Stale(fresh, req)) => {
+                    let mut grant = grant;
+                    admission.reconfirm(&mut grant, ctx).await?;
+                    match settings.upstream.send(fresh, req, deadline).await {
+                        Ok(Sent::Answered(response)) => Ok(response),
+                        Ok(Sent::Stale(..)) => {
+                            Err(UpstreamError::Failed("a fresh connection was stale".into()))
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
             ctx.upstream_latency = Some(sent.elapsed());
-            let response = result?;
+            let response = response?;
             ctx.upstream_answered = true;
             let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
                 let wait = headers::upstream_retry_after(response.headers());

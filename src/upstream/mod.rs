@@ -15,13 +15,13 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Request, Uri};
 use http_body_util::combinators::BoxBody;
 use tokio::time::Instant;
 
 use connect::Connector;
 pub use connect::Dialer;
-pub use pool::{Lease, LeasedBody};
+pub use pool::{Lease, LeasedBody, Sent};
 use pool::{Pool, chain};
 pub use slots::{Busy, Standing, Tenant, WAITING_PER_CONNECTION};
 
@@ -149,15 +149,15 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
     }
 
-    /// Sends `req` (whose URI already points at [`Upstream::base`]) on `lease` and waits for the
-    /// response headers until `deadline`; the body streams afterwards and releases the connection
-    /// when it ends.
+    /// Sends `req` on `lease` and waits for the response headers until `deadline`; the body
+    /// follows, and releases the connection when it ends. A stale pooled connection is replaced
+    /// and the request handed back unsent ([`Sent::Stale`]).
     pub async fn send(
         &self,
         lease: Lease,
         req: Request<UpstreamBody>,
         deadline: Instant,
-    ) -> Result<Response<LeasedBody>, UpstreamError> {
+    ) -> Result<Sent, UpstreamError> {
         tokio::time::timeout_at(deadline, lease.send(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.request_timeout))?

@@ -255,48 +255,38 @@ impl Lease {
     }
 
     /// Sends `req` and waits for the response headers. A pooled connection the upstream closed
-    /// while idle fails before the request is written; the request is then sent once more on a
-    /// fresh connection.
-    pub(super) async fn send(
-        mut self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<LeasedBody>, UpstreamError> {
+    /// while idle fails before the request is written: the lease then takes a fresh connection
+    /// and hands the request back ([`Sent::Stale`]), since it would now leave later than its
+    /// rate token was confirmed for.
+    pub(super) async fn send(mut self, req: Request<UpstreamBody>) -> Result<Sent, UpstreamError> {
         let Some(mut conn) = self.conn.take() else {
             return Err(UpstreamError::Failed("connection already used".into()));
         };
         self.reusable = false;
-        let result = match conn.sender.try_send_request(req).await {
-            Ok(response) => Ok((response, conn)),
+        match conn.sender.try_send_request(req).await {
+            Ok(response) => {
+                self.conn = Some(conn);
+                Ok(Sent::Answered(response.map(|body| LeasedBody {
+                    body,
+                    lease: Some(self),
+                })))
+            }
             Err(mut error) => match (self.reused, error.take_message()) {
                 (true, Some(req)) => {
                     tracing::debug!(error = %chain(error.error()), "pooled connection was stale; reconnecting");
                     drop(conn);
-                    let fresh = self
+                    let pool = self
                         .pool
                         .upgrade()
-                        .ok_or_else(|| UpstreamError::Failed("connection pool closed".into()));
-                    match fresh {
-                        Ok(pool) => match pool.connect().await {
-                            Ok(mut conn) => conn
-                                .sender
-                                .send_request(req)
-                                .await
-                                .map(|response| (response, conn))
-                                .map_err(|e| UpstreamError::from_hyper(&e)),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    }
+                        .ok_or_else(|| UpstreamError::Failed("connection pool closed".into()))?;
+                    self.conn = Some(pool.connect().await?);
+                    self.reused = false;
+                    self.reusable = true;
+                    Ok(Sent::Stale(self, req))
                 }
                 _ => Err(UpstreamError::from_hyper(error.error())),
             },
-        };
-        let (response, conn) = result?;
-        self.conn = Some(conn);
-        Ok(response.map(|body| LeasedBody {
-            body,
-            lease: Some(self),
-        }))
+        }
     }
 
     /// Ends the exchange: the connection goes back to the pool only if it completed cleanly.
@@ -320,6 +310,16 @@ impl Drop for Lease {
         }
         // Otherwise the connection (if any) closes as it drops, and the slot is freed after.
     }
+}
+
+/// What became of a request handed to [`Lease::send`].
+#[derive(Debug)]
+pub enum Sent {
+    /// The upstream answered (its headers; the body follows).
+    Answered(Response<LeasedBody>),
+    /// The pooled connection was stale: nothing was sent. The lease holds a fresh connection now;
+    /// the request is to be confirmed and sent again.
+    Stale(Lease, Request<UpstreamBody>),
 }
 
 /// The upstream's response body, holding its connection's lease until the body ends.
