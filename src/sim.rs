@@ -366,6 +366,12 @@ impl Sim {
         })
     }
 
+    /// The requests received since the last call (the latest, with `keep_arrivals`), taken out:
+    /// a long run measures in slices, in bounded memory.
+    pub fn take_arrivals(&self) -> Vec<Arrival> {
+        lock(&self.stand_in.state.arrivals).drain(..).collect()
+    }
+
     /// The requests received so far (the latest, with `keep_arrivals`), in arrival order.
     pub fn arrivals(&self) -> Vec<Arrival> {
         lock(&self.stand_in.state.arrivals)
