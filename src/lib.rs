@@ -8,13 +8,15 @@
 //! - [`config`]: TOML + environment → validated, typed sections. The only module reading files/env.
 //! - [`error`]: `ProxyError` and the one function mapping an error to a TMDB status response.
 //! - [`proxy`]: `Proxy::handle → process → finish`: the phases in order, the admission step
-//!   (token, ready connection, confirm), the per-request context, and the one exit.
-//! - [`limiter`]: the budget interface, the local budget, its `DashMap` store and the pure bucket
-//!   math of one key.
-//! - [`upstream`]: the capped pool of upstream connections, its rustls configuration, timeouts.
+//!   (token, ready connection, confirm), the per-request context, the one exit, the response
+//!   body held for slow clients, and the guard of the injected key.
+//! - [`limiter`]: the budget interface, the local budget, its `DashMap` store, the pure bucket
+//!   math of one key, and the keys lately known to the upstream.
+//! - [`upstream`]: the capped pool of upstream connections and its waiting room (in turn by key),
+//!   its rustls configuration, timeouts.
 //! - [`tmdb`]: TMDB facts: the auth scheme, the query view, documented refusals, the status table.
 //! - [`server`]: the accept loop, serving a connection (plain or TLS), idle timeout, graceful
-//!   shutdown, signals, reload.
+//!   shutdown, signals, reload, the open-files limit.
 //! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: Prometheus metric names and record functions.
 //! - [`sim`]: an in-process TMDB stand-in for tests and offline demos (`tmdb-sim`).
