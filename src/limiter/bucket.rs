@@ -29,9 +29,10 @@ pub type Nanos = u64;
 /// Most given-back slots a bucket remembers (each lookup checks them all under the map's lock).
 const MAX_HOLES: usize = 64;
 
-/// Requests read the clock before they take the bucket's lock, so of two concurrent requests the
-/// one that read it first may be served second and find a stamp slightly "in its future". Stamps
-/// this close to `now` count as the present rather than as a queue to wait behind: 1 ms.
+/// A caller that reads the clock before it takes the bucket's lock may be served after another
+/// that read it later, and find a stamp slightly "in its future". The local budget reads `now`
+/// under the lock, so it never does; for any other caller, stamps this close to `now` count as
+/// the present rather than as a queue to wait behind: 1 ms.
 pub const CLOCK_SKEW: Nanos = 1_000_000;
 
 /// The limit applied to one key.

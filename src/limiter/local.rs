@@ -47,6 +47,11 @@ impl LocalBudget {
         }
     }
 
+    /// The budget's clock now, in its nanoseconds.
+    fn clock(&self) -> Nanos {
+        self.nanos(Instant::now())
+    }
+
     /// The limits in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
@@ -103,7 +108,7 @@ impl LocalBudget {
         let policy = self.policy.load();
         let quota = policy.quota_for(key);
         let (t, max_wait) = (self.nanos(now), nanos(max_wait));
-        let (at, rate) = self.take_key_token(&policy, key, quota, t, max_wait)?;
+        let (at, rate, t) = self.take_key_token(&policy, key, quota, t, max_wait)?;
         let mut grant = Grant {
             key,
             at: now,
@@ -206,11 +211,16 @@ impl LocalBudget {
         quota: Quota,
         t: Nanos,
         max_wait: Nanos,
-    ) -> Result<(Nanos, RateState), Refusal> {
-        let decide =
-            |bucket: &mut Bucket| (bucket.acquire(t, quota, max_wait), bucket.is_paused(t));
+    ) -> Result<(Nanos, RateState, Nanos), Refusal> {
+        // The decision's `now` is read under the key's lock (never before the caller's): of two
+        // requests racing for a key, the one served first then has the earlier stamp, so neither
+        // finds a stamp in its future and a key with a token left is never refused.
+        let decide = |bucket: &mut Bucket| {
+            let t = t.max(self.clock());
+            (bucket.acquire(t, quota, max_wait), bucket.is_paused(t), t)
+        };
         // A known key never waits on the table's size; a new one needs room under `max_keys`.
-        let (decision, paused) = match self.store.update_existing(key, decide) {
+        let (decision, paused, t) = match self.store.update_existing(key, decide) {
             Some(found) => found,
             None if policy.max_keys == usize::MAX || self.has_room(policy, t) => {
                 self.store.update(key, decide)
@@ -232,6 +242,7 @@ impl LocalBudget {
                     remaining,
                     reset_after: Duration::from_nanos(next_free.saturating_sub(at)),
                 },
+                t,
             )),
             Decision::Deny {
                 in_window,
@@ -390,6 +401,19 @@ mod tests {
         );
         tokio::time::advance(1050 * MS).await;
         assert!(acquire(&b, k, Duration::ZERO).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_read_the_clock_before_another_still_gets_a_token_left() {
+        let b = budget("[limit]\nrequests_per_second = 2\nmode = \"reject\"\n");
+        let k = Key::of("k");
+        // This request read the clock, then lost the race for the key's lock by 5 ms.
+        let read_early = Instant::now();
+        tokio::time::advance(5 * MS).await;
+        acquire(&b, k, Duration::ZERO).unwrap();
+        let late = b.try_acquire(k, read_early, Duration::ZERO).unwrap();
+        assert_eq!(late.rate.remaining, 0);
+        assert!(acquire(&b, k, Duration::ZERO).is_err());
     }
 
     #[tokio::test(start_paused = true)]
