@@ -600,124 +600,127 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// Any random run of acquires (now and queued), resumes, confirms at departure (late ones
-    /// included), releases, pauses, sweeps and reloads, over three keys and a global ceiling:
-    /// no one-second window of departures holds more than the limit, per key or globally.
-    #[test]
-    fn property_no_second_of_departures_exceeds_the_limits() {
-        use crate::limiter::bucket::tests::Rng;
-        // (per key, global): two policies a reload switches between.
-        let policies = [(3, 5), (2, 4)];
-        let policy = |(rps, global): (u32, u32)| {
-            let toml = format!(
-                "[limit]\nrequests_per_second = {rps}\nglobal_requests_per_second = {global}\n"
-            );
-            Policy::new(&Config::from_toml_str(&toml).unwrap().limit, Key::of)
-        };
-        let keys = [Key::of("a"), Key::of("b"), Key::of("c")];
-        for seed in 0..200 {
-            let mut rng = Rng(seed);
-            let mut in_force = 0;
-            let b = LocalBudget::new(policy(policies[in_force]));
-            let mut now = b.epoch;
-            // The last reload, and when only stamps of its policy can be in a window.
-            let mut settled = now;
-            let mut held: Vec<Grant> = Vec::new();
-            let mut departures: HashMap<Key, Vec<(Instant, Instant)>> = HashMap::new();
-            let mut global: Vec<(Instant, Instant)> = Vec::new();
-            for _ in 0..300 {
-                match rng.below(12) {
-                    0..=3 => {
-                        let key = keys[rng.below(3) as usize];
-                        let wait = [0, 0, 500, 2000][rng.below(4) as usize];
-                        if let Ok(grant) = b.try_acquire(key, now, Duration::from_millis(wait)) {
-                            held.push(grant);
-                        }
-                    }
-                    4..=6 if !held.is_empty() => {
-                        let i = rng.below(held.len() as u64) as usize;
-                        if held[i].at > now {
-                            continue;
-                        }
-                        let mut grant = held.swap_remove(i);
-                        if grant.pending {
-                            match b.try_resume(&mut grant, now, Duration::from_secs(2)) {
-                                Ok(()) if grant.at > now => {
-                                    held.push(grant);
-                                    continue;
-                                }
-                                Ok(()) => {}
-                                Err(_) => {
-                                    b.release(&grant);
-                                    continue;
-                                }
-                            }
-                        }
-                        match b.try_confirm(&mut grant, now) {
-                            Ok(()) => {
-                                departures
-                                    .entry(grant.key)
-                                    .or_default()
-                                    .push((now, settled));
-                                if grant.stamps[1].is_some() {
-                                    global.push((now, settled));
-                                }
-                            }
-                            Err(_) => b.release(&grant),
-                        }
-                    }
-                    7 if !held.is_empty() => {
-                        let grant = held.swap_remove(rng.below(held.len() as u64) as usize);
-                        b.release(&grant);
-                    }
-                    8 => {
-                        let key = keys[rng.below(3) as usize];
-                        b.pause(key, now, Duration::from_millis(rng.below(1500)));
-                    }
-                    9 => {
-                        b.sweep(now);
-                    }
-                    10 if rng.below(4) == 0 => {
-                        in_force = 1 - in_force;
-                        b.set_policy(policy(policies[in_force]));
-                        // Turns granted before the reload keep their places: only once the last
-                        // of them is a window old are all windows the new policy's.
-                        let last_turn = held.iter().map(|g| g.at).max().unwrap_or(now);
-                        settled = now.max(last_turn) + 1050 * MS;
-                    }
-                    _ => now += Duration::from_millis(rng.below(300)),
+    /// (per key, global): the two policies a reload switches between in the departures run.
+    const POLICIES: [(u32, u32); 2] = [(3, 5), (2, 4)];
+
+    fn departures_policy((rps, global): (u32, u32)) -> Policy {
+        let toml = format!(
+            "[limit]\nrequests_per_second = {rps}\nglobal_requests_per_second = {global}\n"
+        );
+        Policy::new(&Config::from_toml_str(&toml).unwrap().limit, Key::of)
+    }
+
+    /// One random run of the departures property: what left when, per key and globally.
+    #[derive(Default)]
+    struct Departures {
+        by_key: HashMap<Key, Vec<Instant>>,
+        global: Vec<Instant>,
+        /// The policy in force at the end, and from when every window is wholly its own.
+        in_force: usize,
+        settled: Option<Instant>,
+    }
+
+    /// Lets a held grant depart at `now` if its turn has come (resuming it first if it still
+    /// lacks its global token); returns the grant if it must wait on.
+    fn depart(
+        b: &LocalBudget,
+        mut grant: Grant,
+        now: Instant,
+        out: &mut Departures,
+    ) -> Option<Grant> {
+        if grant.at > now {
+            return Some(grant);
+        }
+        if grant.pending {
+            match b.try_resume(&mut grant, now, Duration::from_secs(2)) {
+                Ok(()) if grant.at > now => return Some(grant),
+                Ok(()) => {}
+                Err(_) => {
+                    b.release(&grant);
+                    return None;
                 }
             }
-            // Windows wholly after the last policy change are held to that policy; any window
-            // to the larger of the two.
-            let (max_key, max_global) = (3, 5);
-            let check = |times: &[(Instant, Instant)], limit: usize, what: &str| {
-                let all: Vec<Instant> = times.iter().map(|&(t, _)| t).collect();
-                let worst = worst_second(&all, b.epoch);
+        }
+        match b.try_confirm(&mut grant, now) {
+            Ok(()) => {
+                out.by_key.entry(grant.key).or_default().push(now);
+                if grant.stamps[1].is_some() {
+                    out.global.push(now);
+                }
+            }
+            Err(_) => b.release(&grant),
+        }
+        None
+    }
+
+    fn run_departures(seed: u64) -> (LocalBudget, Departures) {
+        use crate::limiter::bucket::tests::Rng;
+        let keys = [Key::of("a"), Key::of("b"), Key::of("c")];
+        let mut rng = Rng(seed);
+        let mut out = Departures::default();
+        let b = LocalBudget::new(departures_policy(POLICIES[0]));
+        let mut now = b.epoch;
+        let mut held: Vec<Grant> = Vec::new();
+        for _ in 0..300 {
+            match rng.below(12) {
+                0..=3 => {
+                    let key = keys[rng.below(3) as usize];
+                    let wait = Duration::from_millis([0, 0, 500, 2000][rng.below(4) as usize]);
+                    held.extend(b.try_acquire(key, now, wait));
+                }
+                4..=6 if !held.is_empty() => {
+                    let grant = held.swap_remove(rng.below(held.len() as u64) as usize);
+                    held.extend(depart(&b, grant, now, &mut out));
+                }
+                7 if !held.is_empty() => {
+                    b.release(&held.swap_remove(rng.below(held.len() as u64) as usize));
+                }
+                8 => {
+                    let key = keys[rng.below(3) as usize];
+                    b.pause(key, now, Duration::from_millis(rng.below(1500)));
+                }
+                9 => {
+                    b.sweep(now);
+                }
+                10 if rng.below(4) == 0 => {
+                    out.in_force = 1 - out.in_force;
+                    b.set_policy(departures_policy(POLICIES[out.in_force]));
+                    // Turns granted before the reload keep their places: only once the last of
+                    // them is a window old are all windows the new policy's.
+                    let last_turn = held.iter().map(|g| g.at).max().unwrap_or(now);
+                    out.settled = Some(now.max(last_turn) + 1050 * MS);
+                }
+                _ => now += Duration::from_millis(rng.below(300)),
+            }
+        }
+        (b, out)
+    }
+
+    /// Any random run of acquires (now and queued), resumes, confirms at departure (late ones
+    /// included), releases, pauses, sweeps and reloads, over three keys and a global ceiling:
+    /// no one-second window of departures holds more than the limit, per key or globally, and
+    /// once a reload has settled, none holds more than the new one.
+    #[test]
+    fn property_no_second_of_departures_exceeds_the_limits() {
+        for seed in 0..200 {
+            let (b, out) = run_departures(seed);
+            let settled = out.settled.unwrap_or(b.epoch);
+            let (key_now, global_now) = POLICIES[out.in_force];
+            let checks = out
+                .by_key
+                .values()
+                .map(|times| (times, 3, key_now))
+                .chain(std::iter::once((&out.global, 5, global_now)));
+            for (times, most, now_limit) in checks {
+                let worst = worst_second(times, b.epoch);
+                assert!(worst <= most, "seed {seed}: {worst} departures in a second");
+                let worst = worst_second(times, settled);
+                let limit = now_limit as usize;
                 assert!(
                     worst <= limit,
-                    "seed {seed}: {worst} {what} departures in a second"
-                );
-            };
-            for times in departures.values() {
-                check(times, max_key, "key");
-            }
-            check(&global, max_global, "global");
-            let (key_now, global_now) = policies[in_force];
-            for times in departures.values() {
-                let all: Vec<Instant> = times.iter().map(|&(t, _)| t).collect();
-                let worst = worst_second(&all, settled);
-                assert!(
-                    worst <= key_now as usize,
-                    "seed {seed}: {worst} after the reload"
+                    "seed {seed}: {worst} after the reload settled"
                 );
             }
-            let all: Vec<Instant> = global.iter().map(|&(t, _)| t).collect();
-            let worst = worst_second(&all, settled);
-            assert!(
-                worst <= global_now as usize,
-                "seed {seed}: {worst} global after the reload"
-            );
         }
     }
 }

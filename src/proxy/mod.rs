@@ -32,11 +32,11 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::limiter::{Budget, Key, LocalBudget, Policy, Reason};
+use crate::limiter::{Budget, Grant, Key, LocalBudget, Policy, Reason};
 use crate::metrics::{Metrics, Outcome};
 use crate::tmdb::Query;
 use crate::tmdb::status::code;
-use crate::upstream::{BoxError, BuildError, Dialer, Sent, UpstreamError};
+use crate::upstream::{BoxError, BuildError, Dialer, Lease, Sent, UpstreamBody, UpstreamError};
 use admission::Admission;
 pub use body::ProxyBody;
 pub use ctx::RequestCtx;
@@ -243,8 +243,8 @@ impl Proxy {
             }
             return Ok(phases::preflight(&parts.headers));
         }
-        // request_filter: never forwarded, ambiguous, whose budget, what TMDB would refuse. The query is
-        // split once, here, and read by every step that needs it.
+        // request_filter: never forwarded, ambiguous, whose budget, what TMDB would refuse. The
+        // query is split once, here, and read by every step that needs it.
         let (identity, target) = {
             let query = Query::parse(parts.uri.query());
             phases::check_target(&parts, &settings.rules)?;
@@ -272,38 +272,16 @@ impl Proxy {
             .admit(identity.key, settings.max_wait, &settings.upstream, ctx)
             .await?;
 
-        let exchange = async {
-            let sent = Instant::now();
-            let response = match settings.upstream.send(lease, upstream_req, deadline).await {
-                Ok(Sent::Answered(response)) => Ok(response),
-                // Its pooled connection was stale, so the request leaves later than planned:
-                // its token is confirmed again first.
-                Ok(Sent::Stale(fresh, req)) => {
-                    let mut grant = grant;
-                    admission.reconfirm(&mut grant, ctx).await?;
-                    match settings.upstream.send(fresh, req, deadline).await {
-                        Ok(Sent::Answered(response)) => Ok(response),
-                        Ok(Sent::Stale(..)) => {
-                            Err(UpstreamError::Failed("a fresh connection was stale".into()))
-                        }
-                        Err(error) => Err(error),
-                    }
-                }
-                Err(error) => Err(error),
-            };
-            ctx.upstream_latency = Some(sent.elapsed());
-            let response = response?;
-            ctx.upstream_answered = true;
-            let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
-                let wait = headers::upstream_retry_after(response.headers());
-                admission.upstream_refused(identity.key, wait, ctx)
-            });
-            let delivery = settings.delivery;
-            phases::response_filter(response, upstream_429, delivery, deadline).await
+        let exchange = Exchange {
+            lease,
+            req: upstream_req,
+            grant,
+            key: identity.key,
+            deadline,
         };
         // A shutdown's grace period ends with an answer, not an empty reply.
         let mut response = tokio::select! {
-            response = exchange => response?,
+            response = self.exchange(settings, exchange, ctx) => response?,
             () = admission.cut_off() => {
                 return Err(UpstreamError::Timeout(settings.upstream.request_timeout()).into());
             }
@@ -312,6 +290,45 @@ impl Proxy {
             phases::strip_injected_key(response.headers_mut());
         }
         Ok(response)
+    }
+
+    /// Sends the request and passes on the upstream's answer (`response_filter`), noting its
+    /// timing and any pause an upstream 429 imposes.
+    async fn exchange(
+        &self,
+        settings: &Settings,
+        exchange: Exchange,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Exchange {
+            lease,
+            req,
+            mut grant,
+            key,
+            deadline,
+        } = exchange;
+        let (admission, upstream) = (&self.shared.admission, &settings.upstream);
+        let sent = Instant::now();
+        let mut result = upstream.send(lease, req, deadline).await;
+        // Its pooled connection was stale, so the request leaves later than planned: its token is
+        // confirmed again first.
+        if let Ok(Sent::Stale(fresh, req)) = result {
+            admission.reconfirm(&mut grant, ctx).await?;
+            result = upstream.send(fresh, req, deadline).await;
+        }
+        ctx.upstream_latency = Some(sent.elapsed());
+        let response = match result? {
+            Sent::Answered(response) => response,
+            Sent::Stale(..) => {
+                return Err(UpstreamError::Failed("a fresh connection was stale".into()).into());
+            }
+        };
+        ctx.upstream_answered = true;
+        let upstream_429 = (response.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            let wait = headers::upstream_retry_after(response.headers());
+            admission.upstream_refused(key, wait, ctx)
+        });
+        phases::response_filter(response, upstream_429, settings.delivery, deadline).await
     }
 
     /// The one exit: every request's answer gets its headers, metric and log line here.
@@ -382,6 +399,16 @@ impl Proxy {
         );
         response
     }
+}
+
+/// A request admitted and ready to go: its connection, the rewritten request, its tokens, and
+/// the deadline for the upstream's answer.
+struct Exchange {
+    lease: Lease,
+    req: Request<UpstreamBody>,
+    grant: Grant,
+    key: Key,
+    deadline: Instant,
 }
 
 /// What happened to a request, as the metric labels it, and the TMDB code its client got (none

@@ -95,6 +95,42 @@ pub async fn sim_with(builder: SimBuilder) -> Sim {
     builder.start().await.unwrap()
 }
 
+/// A stand-in served by a runtime of its own, on a thread of its own: its clock for arrivals
+/// does not wait behind the proxy's and the clients' tasks (tests that measure windows at the
+/// upstream over real sockets). Dropping it stops that runtime.
+pub struct OwnThreadSim {
+    pub sim: Sim,
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::ops::Deref for OwnThreadSim {
+    type Target = Sim;
+
+    fn deref(&self) -> &Sim {
+        &self.sim
+    }
+}
+
+/// Starts the stand-in `builder` describes on a thread and runtime of its own.
+pub fn sim_on_own_thread(builder: SimBuilder) -> OwnThreadSim {
+    let (started, sim) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the stand-in");
+        runtime.block_on(async move {
+            let _ = started.send(builder.start().await.expect("the stand-in starts"));
+            let _ = stopped.await;
+        });
+    });
+    OwnThreadSim {
+        sim: sim.recv().expect("the stand-in started"),
+        _stop: Some(stop),
+    }
+}
+
 /// The address requests appear to come from when the proxy is called in-process.
 pub const IN_PROCESS_CLIENT: &str = "127.0.0.1:40000";
 
