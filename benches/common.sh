@@ -28,3 +28,28 @@ wait_port() {
     echo "nothing listens on port $1" >&2
     return 1
 }
+
+# start_proxy BINARY NAME UPSTREAM_CONNECTIONS EXTRA_TOML: starts a proxy in front of the stand-in
+# on $sim_port, quiet, on free ports. Sets proxy_pid and proxy_port in this shell (not in a
+# subshell, so that cleanup stops it), and waits until it listens.
+start_proxy() {
+    local binary=$1 name=$2 connections=$3 extra=$4 admin
+    proxy_port=$(free_port)
+    admin=$(free_port)
+    cat >"$work/$name.toml" <<TOML
+[server]
+listen = "127.0.0.1:$proxy_port"
+[admin]
+listen = "127.0.0.1:$admin"
+[upstream]
+base_url = "http://127.0.0.1:$sim_port"
+max_connections = $connections
+[log]
+level = "warn"
+$extra
+TOML
+    "$binary" --config "$work/$name.toml" 2>"$work/$name.log" &
+    proxy_pid=$!
+    pids+=("$proxy_pid")
+    wait_port "$proxy_port"
+}

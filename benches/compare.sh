@@ -29,32 +29,15 @@ sim_port=$(free_port)
 pids+=($!)
 wait_port "$sim_port"
 
-start_proxy() { # binary, name; echoes "pid port"
-    local port admin
-    port=$(free_port)
-    admin=$(free_port)
-    cat >"$work/$2.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[admin]
-listen = "127.0.0.1:$admin"
-[upstream]
-base_url = "http://127.0.0.1:$sim_port"
-max_connections = 64
-[log]
-level = "warn"
-[limit]
+reject="[limit]
 requests_per_second = 1000000
-mode = "reject"
-TOML
-    "$1" --config "$work/$2.toml" 2>"$work/$2.log" &
-    pids+=($!)
-    echo "$! $port"
-}
-read -r old_pid old_port < <(start_proxy "$OLD" old)
-read -r new_pid new_port < <(start_proxy "$NEW" new)
-wait_port "$old_port"
-wait_port "$new_port"
+mode = \"reject\""
+start_proxy "$OLD" old 64 "$reject"
+old_pid=$proxy_pid
+old_port=$proxy_port
+start_proxy "$NEW" new 64 "$reject"
+new_pid=$proxy_pid
+new_port=$proxy_port
 
 cat >"$work/keys.lua" <<'LUA'
 local n = 0

@@ -29,35 +29,15 @@ sim_port=$(free_port)
 pids+=($!)
 wait_port "$sim_port"
 
-start_proxy() { # name, extra TOML; echoes the port
-    local name=$1 extra=$2 port admin
-    port=$(free_port)
-    admin=$(free_port)
-    cat >"$work/$name.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[admin]
-listen = "127.0.0.1:$admin"
-[upstream]
-base_url = "http://127.0.0.1:$sim_port"
-max_connections = $UPSTREAM_CONNS
-[log]
-level = "warn"
-$extra
-TOML
-    ./target/release/tmdb-proxy --config "$work/$name.toml" 2>"$work/$name.log" &
-    pids+=($!)
-    echo "$! $port"
-}
-
-read -r proxied_pid proxied_port < <(start_proxy proxied "[limit]
+start_proxy ./target/release/tmdb-proxy proxied "$UPSTREAM_CONNS" "[limit]
 requests_per_second = 1000000
-mode = \"reject\"")
-read -r _ limited_port < <(start_proxy limited "[limit]
+mode = \"reject\""
+proxied_pid=$proxy_pid
+proxied_port=$proxy_port
+start_proxy ./target/release/tmdb-proxy limited "$UPSTREAM_CONNS" "[limit]
 requests_per_second = 50
-mode = \"reject\"")
-wait_port "$proxied_port"
-wait_port "$limited_port"
+mode = \"reject\""
+limited_port=$proxy_port
 
 nginx_port=""
 if command -v nginx >/dev/null 2>&1; then
