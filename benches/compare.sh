@@ -39,20 +39,12 @@ start_proxy "$NEW" new 64 "$reject"
 new_pid=$proxy_pid
 new_port=$proxy_port
 
-cat >"$work/keys.lua" <<'LUA'
-local n = 0
-request = function()
-    n = n + 1
-    return wrk.format("GET", "/3/movie/550?api_key=bench-key-" .. (n % 1000))
-end
-LUA
-
 ticks=$(getconf CLK_TCK)
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 round() { # pid port
     local before after out
     before=$(cpu "$1")
-    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$work/keys.lua" "http://127.0.0.1:$2/3/movie/550")
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s benches/keys.lua "http://127.0.0.1:$2/3/movie/550")
     after=$(cpu "$1")
     python3 - "$out" "$before" "$after" "$ticks" <<'PY'
 import re, sys

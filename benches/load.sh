@@ -71,15 +71,6 @@ NGINX
     wait_port "$nginx_port"
 fi
 
-cat >"$work/keys.lua" <<'LUA'
--- 1,000 distinct keys, round-robin.
-local n = 0
-request = function()
-    n = n + 1
-    return wrk.format("GET", "/3/movie/550?api_key=bench-key-" .. (n % 1000))
-end
-LUA
-
 # Runs wrk; prints "requests_per_second p50_ms p99_ms non2xx".
 run() {
     local url=$1 script=${2:-}
@@ -107,11 +98,11 @@ PY
 }
 
 echo "load: wrk -t$THREADS -c$CONNS -d$DURATION on $(nproc) cores ($(uname -m)), all on loopback; proxy upstream.max_connections = $UPSTREAM_CONNS" >&2
-read -r a_rps a_p50 a_p99 a_bad a_total < <(run "http://127.0.0.1:$sim_port/3/movie/550" "$work/keys.lua")
-read -r b_rps b_p50 b_p99 b_bad b_total < <(run "http://127.0.0.1:$proxied_port/3/movie/550" "$work/keys.lua")
+read -r a_rps a_p50 a_p99 a_bad a_total < <(run "http://127.0.0.1:$sim_port/3/movie/550" benches/keys.lua)
+read -r b_rps b_p50 b_p99 b_bad b_total < <(run "http://127.0.0.1:$proxied_port/3/movie/550" benches/keys.lua)
 read -r c_rps c_p50 c_p99 c_bad c_total < <(run "http://127.0.0.1:$limited_port/3/movie/550?api_key=one-hot-key")
 if [ -n "$nginx_port" ]; then
-    read -r d_rps d_p50 d_p99 d_bad d_total < <(run "http://127.0.0.1:$nginx_port/3/movie/550" "$work/keys.lua")
+    read -r d_rps d_p50 d_p99 d_bad d_total < <(run "http://127.0.0.1:$nginx_port/3/movie/550" benches/keys.lua)
 fi
 peak_kib=$(awk '/VmHWM/ {print $2}' "/proc/$proxied_pid/status" 2>/dev/null || echo 0)
 
