@@ -566,21 +566,34 @@ async fn an_http1_client_that_never_reads_a_large_body_starves_no_one() {
     drop(stalled);
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_idle_timeout_never_cuts_a_response_still_in_progress() {
-    // 320 KiB, streamed: the first 64 KiB, then nothing until the gate opens a second later, far
-    // past the 300 ms idle timeout. No bytes move meanwhile, but the response is in progress.
-    let gate = Arc::new(Notify::new());
-    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 5, Some(gate.clone()))).await;
+/// One client connection served over an in-memory pipe of `buffer` bytes, on paused time, with a
+/// 300 ms idle timeout: the client's end, and the connection's task.
+fn serve_in_memory(
+    sim: &Sim,
+    buffer: usize,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<Result<(), tmdb_proxy::upstream::BoxError>>,
+) {
     let cfg = config(
         "[server]\nidle_timeout = \"300ms\"\n[upstream]\nrequest_timeout = \"1h\"\n",
         &sim.url(),
     );
     let proxy = tmdb_proxy::Proxy::in_memory(&cfg, sim.dialer()).unwrap();
     let server = tmdb_proxy::server::Server::new(&cfg.server).unwrap();
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let (client_io, server_io) = tokio::io::duplex(buffer);
     let peer = IN_PROCESS_CLIENT.parse().unwrap();
     let serving = tokio::spawn(async move { server.serve_io(server_io, peer, proxy).await });
+    (client_io, serving)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timeout_never_cuts_a_response_still_in_progress() {
+    // 320 KiB, streamed: the first 64 KiB, then nothing until the gate opens a second later, far
+    // past the 300 ms idle timeout. No bytes move meanwhile, but the response is in progress.
+    let gate = Arc::new(Notify::new());
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 5, Some(gate.clone()))).await;
+    let (client_io, serving) = serve_in_memory(&sim, 1 << 20);
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
         hyper_util::rt::TokioIo::new(client_io),
     )
@@ -672,4 +685,64 @@ async fn only_listed_pages_and_the_proxys_own_names_may_spend_the_injected_key()
         .await;
     assert_eq!(own.status, 200);
     assert_eq!(own.header("access-control-allow-origin"), Some("*"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_client_that_only_pings_is_idle_while_its_responses_wait_for_its_window() {
+    let sim = sim().await;
+    let (client_io, serving) = serve_in_memory(&sim, 1 << 20);
+    // A zero window: the response's headers arrive, its body never can. The client pings every
+    // 100 ms, well inside the 300 ms idle timeout.
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(0)
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_timeout(Duration::from_secs(3600))
+            .keep_alive_while_idle(true)
+            .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(client_io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let started = tokio::time::Instant::now();
+    let req = Request::get("http://localhost/3/movie/550?api_key=STINGY")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    // Pings are no activity and a response stuck behind the client's window is no request in
+    // progress: the connection is closed one idle timeout after the headers went out.
+    let result = tokio::time::timeout(Duration::from_secs(60), serving)
+        .await
+        .expect("closed while the client keeps pinging");
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    drop(result);
+    let mut body = response.into_body();
+    assert!(matches!(body.frame().await, None | Some(Err(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http1_client_that_stops_reading_is_closed_one_idle_timeout_later() {
+    // 4 MiB, held in the proxy's buffer: the 64 KiB pipe fills at once and the client never reads.
+    let sim = sim_with(Sim::builder().stream("/3/big", 64 * 1024, 64, None)).await;
+    let (client_io, serving) = serve_in_memory(&sim, 64 * 1024);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+        hyper_util::rt::TokioIo::new(client_io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let started = tokio::time::Instant::now();
+    let req = Request::get("/3/big?api_key=STALLED")
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let result = tokio::time::timeout(Duration::from_secs(60), serving)
+        .await
+        .expect("closed while the client does not read");
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    drop((result, response));
 }

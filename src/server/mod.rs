@@ -4,7 +4,7 @@
 //!
 //! - [`accept`]: the accept loop (back-off, connection cap), shared with the admin listener.
 //! - [`tls`]: the listener's TLS acceptor from `[server.tls]`.
-//! - `idle`: closing connections with no bytes moving and no request in progress.
+//! - `idle`: closing connections with nothing delivered and no request in progress.
 //! - [`shutdown`]: the signals; [`reload`]: SIGHUP and file changes; [`fds`]: the open-files limit.
 
 pub mod accept;
@@ -185,8 +185,9 @@ impl Server {
 
     /// Serves HTTP on one connection, plain or TLS: HTTP/1.1 or HTTP/2 as the client speaks, over
     /// IO that ends the connection once idle, watched for graceful shutdown (when a `watcher` is
-    /// given). A request counts as in progress until its response body has ended, so the idle
-    /// timeout never cuts a client that is still being answered.
+    /// given). A request counts as in progress while the proxy works on it or waits for the
+    /// upstream; a response waiting for the client to read is not, so a client that stops reading
+    /// is closed one idle timeout later (see `idle`).
     async fn serve<IO>(
         &self,
         io: IO,
