@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use crate::server::accept;
 use crate::tmdb::status::{self, code};
 use crate::tmdb::{ErrorBody, Query, auth};
-use crate::upstream::Dialer;
+use crate::upstream::{Dialer, MemoryIo};
 
 /// Keys whose arrivals are tracked for `rate_limit` before idle ones are forgotten.
 const MAX_TRACKED_KEYS: usize = 10_000;
@@ -102,6 +102,10 @@ pub enum Fault {
     /// Sends 200 headers declaring a `Content-Length` of `length` and a few bytes, then breaks
     /// the body.
     BreakBody { length: u64 },
+    /// Answers 200 (`{}`) at once and reads the request body only `read_after` later, as a
+    /// server that answers an upload before it has taken it in. Until then the connection cannot
+    /// carry another request. The arrival is recorded with the body as it was read.
+    AnswerBeforeBody { read_after: Duration },
 }
 
 impl Route {
@@ -293,21 +297,80 @@ struct State {
 }
 
 impl State {
-    /// Counts a connection as open (and accepted) until the returned guard drops.
+    /// Counts a connection as open (and accepted) until the returned guard, or any clone of it,
+    /// drops: whichever end closes first closes the connection.
     fn opened(self: &Arc<Self>) -> OpenConnection {
         let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_open.fetch_max(open, Ordering::SeqCst);
         self.accepted.fetch_add(1, Ordering::SeqCst);
-        OpenConnection(self.clone())
+        OpenConnection(Arc::new(Counted {
+            state: self.clone(),
+            closed: AtomicBool::new(false),
+        }))
     }
 }
 
-/// An open connection of the stand-in, counted until dropped.
-struct OpenConnection(Arc<State>);
+/// An open connection of the stand-in, counted until the first of its clones drops.
+#[derive(Clone)]
+struct OpenConnection(Arc<Counted>);
+
+struct Counted {
+    state: Arc<State>,
+    closed: AtomicBool,
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        if !self.0.closed.swap(true, Ordering::SeqCst) {
+            self.0.state.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The proxy's end of an in-memory connection. Dropping it closes the connection at once, as
+/// closing a socket does (the stand-in's end may not read again for a while).
+struct Dialed {
+    io: tokio::io::DuplexStream,
+    _open: OpenConnection,
+}
+
+impl AsyncRead for Dialed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Dialed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -357,11 +420,15 @@ impl Sim {
                 }
                 let (client, server) = tokio::io::duplex(PIPE_BUFFER);
                 let open = stand_in.state.opened();
+                let dialed = Dialed {
+                    io: client,
+                    _open: open.clone(),
+                };
                 tokio::spawn(async move {
                     stand_in.serve(server).await;
                     drop(open);
                 });
-                client
+                Box::new(dialed) as Box<dyn MemoryIo>
             })
         })
     }
@@ -435,9 +502,32 @@ impl StandIn {
     }
 
     /// Records the request, then answers it; an `Err` closes the connection unanswered.
-    async fn answer(&self, req: Request<Incoming>) -> Result<Response<SimBody>, io::Error> {
+    async fn answer(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<SimBody>, io::Error> {
         let now = Instant::now();
         let (parts, body) = req.into_parts();
+        let route = self.cfg.routes.get(parts.uri.path());
+        if let Some(Route::Fault(Fault::AnswerBeforeBody { read_after })) = route {
+            let (read_after, stand_in) = (*read_after, self.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(read_after).await;
+                // hyper's server ends a body read after its response has gone only when the
+                // connection closes: the body is whole once its declared length is in.
+                let (mut body, mut whole) = (body, Vec::new());
+                while !body.is_end_stream() {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            whole.extend_from_slice(frame.data_ref().map_or(&[][..], |d| d))
+                        }
+                        _ => break,
+                    }
+                }
+                stand_in.record(now, &parts, Bytes::from(whole));
+            });
+            return Ok(json_response(StatusCode::OK, "{}"));
+        }
         let body = body
             .collect()
             .await
@@ -445,31 +535,12 @@ impl StandIn {
             .unwrap_or_default();
         let path = parts.uri.path().to_owned();
         let query = Query::parse(parts.uri.query());
-        let credential = auth::credential(&query, &parts.headers).map(|c| c.as_sent().to_owned());
-        self.state.hits.fetch_add(1, Ordering::SeqCst);
-        {
-            let mut arrivals = lock(&self.state.arrivals);
-            if let Some(keep) = self.cfg.keep_arrivals {
-                while arrivals.len() >= keep.max(1) {
-                    arrivals.pop_front();
-                }
-            }
-            arrivals.push_back(Arrival {
-                at: now,
-                method: parts.method.clone(),
-                target: parts.uri.to_string(),
-                path: path.clone(),
-                query: parts.uri.query().map(str::to_owned),
-                credential: credential.clone(),
-                headers: parts.headers.clone(),
-                body,
-            });
-        }
+        let credential = self.record(now, &parts, body);
 
         if !self.cfg.latency.is_zero() {
             tokio::time::sleep(self.cfg.latency).await;
         }
-        if let Some(route) = self.cfg.routes.get(&path) {
+        if let Some(route) = route {
             return route_response(route).await;
         }
         let Some(credential) = credential else {
@@ -482,6 +553,30 @@ impl StandIn {
             Some(json) => json_response(StatusCode::OK, json),
             None => tmdb_error(ErrorBody::for_code(code::NOT_FOUND)),
         })
+    }
+
+    /// Counts and remembers a request whose headers arrived at `now`; returns its credential.
+    fn record(&self, now: Instant, parts: &http::request::Parts, body: Bytes) -> Option<String> {
+        let query = Query::parse(parts.uri.query());
+        let credential = auth::credential(&query, &parts.headers).map(|c| c.as_sent().to_owned());
+        self.state.hits.fetch_add(1, Ordering::SeqCst);
+        let mut arrivals = lock(&self.state.arrivals);
+        if let Some(keep) = self.cfg.keep_arrivals {
+            while arrivals.len() >= keep.max(1) {
+                arrivals.pop_front();
+            }
+        }
+        arrivals.push_back(Arrival {
+            at: now,
+            method: parts.method.clone(),
+            target: parts.uri.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            credential: credential.clone(),
+            headers: parts.headers.clone(),
+            body,
+        });
+        credential
     }
 
     /// TMDB's own 429 when `credential` is over `rate_limit` in the second before `now`.
@@ -591,6 +686,8 @@ async fn route_response(route: &Route) -> Result<Response<SimBody>, io::Error> {
         Route::Fault(Fault::Close) => {
             return Err(io::Error::other("closing without an answer"));
         }
+        // Answered in `StandIn::answer`, before the body is read.
+        Route::Fault(Fault::AnswerBeforeBody { .. }) => json_response(StatusCode::OK, "{}"),
         Route::Fault(Fault::BreakBody { length }) => {
             let mut response = Response::new(SimBody::Broken {
                 data: Some(Bytes::from_static(br#"{"id":1,"#)),

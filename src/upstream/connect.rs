@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::io::DuplexStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tower_service::Service;
 
 use super::{BuildError, UpstreamError, chain};
@@ -25,7 +25,13 @@ use crate::config::UpstreamConfig;
 
 /// Opens an in-memory connection to an in-process upstream (see `sim::Sim::dialer`); the future
 /// stands for the connect and handshake, which may take time.
-pub type Dialer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = DuplexStream> + Send>> + Send + Sync>;
+pub type Dialer =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Box<dyn MemoryIo>> + Send>> + Send + Sync>;
+
+/// The byte stream of an in-memory connection: a pipe, or one wrapped to count its lifetime.
+pub trait MemoryIo: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> MemoryIo for T {}
 
 /// A connection's byte stream, whichever way it was opened.
 pub(super) trait Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin {}

@@ -20,7 +20,7 @@ use http_body_util::combinators::BoxBody;
 use tokio::time::Instant;
 
 use connect::Connector;
-pub use connect::Dialer;
+pub use connect::{Dialer, MemoryIo};
 pub use pool::{Lease, LeasedBody, Sent};
 use pool::{Pool, chain};
 pub use slots::{Busy, Standing, Tenant, WAITING_PER_CONNECTION};
