@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tmdb_proxy::sim::Sim;
+use tmdb_proxy::sim::{Fault, Sim};
 use tokio::net::TcpListener;
 
 /// A self-signed certificate for 127.0.0.1, written as PEM to a temporary file.
@@ -224,4 +224,66 @@ async fn invented_keys_fill_no_one_elses_turn_at_the_pool() {
         }
     }
     assert_eq!(refused, 300 - 2 - 127);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_that_answers_before_reading_an_upload_holds_up_no_other_request() {
+    // The upstream answers each upload at once and reads its 512 KiB body (more than a
+    // connection buffers) only 500 ms later. Connecting takes 1 ms, as a TCP handshake would.
+    let sim = sim_with(
+        Sim::builder()
+            .fault(
+                "/3/movie/550/rating",
+                Fault::AnswerBeforeBody {
+                    read_after: Duration::from_millis(500),
+                },
+            )
+            .connect_latency(Duration::from_millis(1)),
+    )
+    .await;
+    let harness = InProcess::new("[upstream]\nmax_connections = 2\n", sim);
+    let start = tokio::time::Instant::now();
+    let uploads: Vec<_> = (0..6)
+        .map(|i| {
+            let proxy = harness.proxy.clone();
+            tokio::spawn(async move {
+                let req =
+                    http::Request::post(format!("/3/movie/550/rating?api_key=UP{i}&session_id=S"))
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                            vec![b' '; 512 * 1024],
+                        )))
+                        .unwrap();
+                let status = proxy
+                    .handle(req, IN_PROCESS_CLIENT.parse().unwrap())
+                    .await
+                    .status();
+                (status, start.elapsed())
+            })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for upload in uploads {
+        answered.push(upload.await.unwrap());
+    }
+    // Two at a time, each on a connection of its own. One that carried an upload is never
+    // reused, and it keeps its place under the cap until the upstream has taken the upload in
+    // and closed its end: 500 ms after the answer.
+    let ms = Duration::from_millis;
+    assert_eq!(
+        answered,
+        [1, 1, 502, 502, 1003, 1003].map(|t| (http::StatusCode::OK, ms(t)))
+    );
+    assert_eq!(harness.sim.max_open_connections(), 2);
+    assert_eq!(harness.sim.accepted_connections(), 6);
+    // A request after them gets a connection once one is free, a fresh one: it reaches the
+    // upstream at once, not queued behind an upload the upstream has yet to read.
+    let sent = tokio::time::Instant::now();
+    assert_eq!(harness.get("/3/movie/1?api_key=NEXT").await.status, 200);
+    assert_eq!(harness.arrivals_of("NEXT"), [sent + ms(501)]);
+    let uploads: Vec<usize> = (harness.sim.arrivals().iter())
+        .filter(|a| a.method == http::Method::POST)
+        .map(|a| a.body.len())
+        .collect();
+    assert_eq!(uploads, [512 * 1024; 6], "every upload arrived whole");
 }

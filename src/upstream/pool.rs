@@ -10,8 +10,9 @@
 //! Invariant: every open connection is either held with one of `max_connections` permits (by a
 //! [`Lease`], or by a connect under way) or idle, and idle connections never outnumber the free
 //! permits. A connection is created only with a permit and after every idle one was tried: one
-//! still finishing its exchange (a request body the upstream answered before reading) is waited
-//! for briefly, then closed. A [`Conn`] dropped anywhere closes its socket at once, so busy + idle
+//! still finishing its exchange is waited for briefly, then closed. A connection that carried a
+//! request body is retired after its response rather than reused, its permit held until the
+//! upstream has closed its end (see [`Conn::retire`]). A [`Conn`] dropped anywhere closes its socket at once, so busy + idle
 //! connections never exceed the cap, at any instant.
 
 use std::pin::Pin;
@@ -26,11 +27,13 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::connect::Connector;
+use super::connect::{Connector, Io};
 use super::slots::{Slot, Slots, Standing, Tenant};
 use super::{UpstreamBody, UpstreamError};
 
@@ -39,17 +42,98 @@ const READY_WAIT: Duration = Duration::from_millis(250);
 
 type Sender = SendRequest<UpstreamBody>;
 
+/// Longest a retired connection keeps its slot while the upstream takes in the rest of an upload
+/// and closes its end (see [`Conn::retire`]).
+const RETIRE_LIMIT: Duration = Duration::from_secs(1);
+
 /// One upstream connection: the handle requests are sent on, and the task that drives it.
 /// Dropping it closes the connection at once (the task is aborted), whatever it was doing.
 struct Conn {
     sender: Sender,
-    task: AbortHandle,
+    task: Driver,
+    /// Hands the task the slot (and the handle) to wind the connection down with.
+    retire: oneshot::Sender<(Slot, Sender)>,
 }
 
-impl Drop for Conn {
+/// The task driving a connection, aborted when dropped unless the connection was retired.
+struct Driver(Option<AbortHandle>);
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
+}
+
+impl Conn {
+    /// Ends the connection without reusing it and without cutting it: the exchange in flight
+    /// finishes (an upload the upstream answered early is written out), the proxy closes its
+    /// end, and `slot` is held until the upstream has closed its end too, or for
+    /// [`RETIRE_LIMIT`]. An upstream slow to take in an upload thus never sees more than
+    /// `max_connections` connections, counting the ones it has yet to notice are closed.
+    fn retire(self, slot: Slot) {
+        let Self {
+            sender,
+            mut task,
+            retire,
+        } = self;
+        if retire.send((slot, sender)).is_ok() {
+            task.0 = None;
+        }
+        // Else the task has ended already: the connection is gone and the slot drops here.
+    }
+}
+
+/// Drives one connection until it ends, or, once retired, until it has wound down: see
+/// [`Conn::retire`].
+async fn drive(
+    mut conn: http1::Connection<Box<dyn Io>, UpstreamBody>,
+    retired: oneshot::Receiver<(Slot, Sender)>,
+) {
+    let retired = tokio::select! {
+        ended = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+            if let Err(error) = ended {
+                tracing::debug!(error = %chain(&error), "upstream connection ended with an error");
+            }
+            return;
+        }
+        retired = retired => retired,
+    };
+    // Without a slot, the handle was dropped unretired, which aborts this task.
+    let Ok((slot, mut sender)) = retired else {
+        return;
+    };
+    let wind_down = async move {
+        // Until the exchange in flight is complete (the upload written out), then without the
+        // handle, until the connection is done. hyper's dispatcher writes, then flushes: when
+        // the last of an upload leaves in a flush, it sees itself idle only on its next poll,
+        // and nothing wakes it for that one, so each wake polls it twice.
+        let in_flight = std::future::poll_fn(|cx| {
+            for _ in 0..2 {
+                if let Poll::Ready(ended) = conn.poll_without_shutdown(cx) {
+                    return Poll::Ready(Some(ended));
+                }
+                if sender.poll_ready(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        });
+        if let Some(ended) = in_flight.await {
+            return ended;
+        }
+        drop(sender);
+        std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await?;
+        let mut io = TokioIo::new(conn.into_parts().io);
+        let _ = io.shutdown().await;
+        // Whatever the upstream still sends is discarded until it closes.
+        let mut scrap = [0u8; 4096];
+        while matches!(io.read(&mut scrap).await, Ok(n) if n > 0) {}
+        Ok(())
+    };
+    let _ = tokio::time::timeout(RETIRE_LIMIT, wind_down).await;
+    drop(slot);
 }
 
 struct Idle {
@@ -166,14 +250,12 @@ impl Inner {
                 .handshake::<_, UpstreamBody>(io)
                 .await
                 .map_err(|e| UpstreamError::Failed(chain(&e)))?;
-            let task = tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(error = %chain(&error), "upstream connection ended with an error");
-                }
-            });
+            let (retire, retired) = oneshot::channel();
+            let task = tokio::spawn(drive(conn, retired));
             Ok::<_, UpstreamError>(Conn {
                 sender,
-                task: task.abort_handle(),
+                task: Driver(Some(task.abort_handle())),
+                retire,
             })
         };
         tokio::time::timeout(self.connect_timeout, connect)
@@ -233,6 +315,11 @@ pub struct Lease {
     reused: bool,
     /// Whether the connection may go back to the pool when the lease is dropped.
     reusable: bool,
+    /// The request sent had a body. Its connection is retired rather than reused: an upstream
+    /// may answer before it has read an upload and read it only later, and over TCP the proxy
+    /// cannot tell. The next request on that connection would reach it only then, later than its
+    /// rate token was confirmed for, and crowd a window at the upstream.
+    carried_body: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -251,6 +338,7 @@ impl Lease {
             pool: Arc::downgrade(pool),
             reused,
             reusable: true,
+            carried_body: false,
         }
     }
 
@@ -263,6 +351,7 @@ impl Lease {
             return Err(UpstreamError::Failed("connection already used".into()));
         };
         self.reusable = false;
+        self.carried_body = !req.body().is_end_stream();
         match conn.sender.try_send_request(req).await {
             Ok(response) => {
                 self.conn = Some(conn);
@@ -297,18 +386,23 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let (true, Some(conn), Some(slot), Some(pool)) = (
-            self.reusable,
-            self.conn.take(),
-            self.slot.take(),
-            self.pool.upgrade(),
-        ) {
+        let (Some(conn), Some(slot)) = (self.conn.take(), self.slot.take()) else {
+            return;
+        };
+        match (self.reusable, self.carried_body, self.pool.upgrade()) {
             // Idle, its slot freed: the next checkout takes it, waiting (briefly) for it to be
             // ready if its exchange is still finishing, or closes it.
-            pool.put_idle(conn);
-            drop(slot);
+            (true, false, Some(pool)) => {
+                pool.put_idle(conn);
+                drop(slot);
+            }
+            (true, true, _) => conn.retire(slot),
+            // The connection closes as it drops, and the slot is freed after.
+            _ => {
+                drop(conn);
+                drop(slot);
+            }
         }
-        // Otherwise the connection (if any) closes as it drops, and the slot is freed after.
     }
 }
 
