@@ -4,11 +4,12 @@
 //! Traffic, all at once: valid requests over five keys, one key far over its limit, invalid
 //! requests (no key, bad page, foreign path, ambiguous credentials), malformed ones on raw
 //! sockets (garbage, oversized headers, headers cut off), slow readers of a 2 MiB body, HTTP/2
-//! clients, and requests to paths where the stand-in resets, breaks a body, stalls, or answers
-//! HTML. It prints requests sent, answers by status, lost answers (a client that got neither an
-//! answer nor a closed connection), doubled answers (two responses to one request), the most
-//! upstream connections open at once, the worst one-second window of any key at the stand-in,
-//! and the proxy's resident memory at the first minute and at the end.
+//! clients, uploads the stand-in answers before reading them, and requests to paths where the
+//! stand-in resets, breaks a body, stalls before or after its headers, closes the connection
+//! after answering, or answers HTML. It prints requests sent, answers by status, lost answers
+//! (a client that got neither an answer nor a closed connection), doubled answers (two responses
+//! to one request), the most upstream connections open at once, the worst one-second window of
+//! any key at the stand-in, and the proxy's resident memory at the first minute and at the end.
 //!
 //! Run: `cargo bench --bench soak -- --duration 5m` (default 5 minutes; it builds and starts
 //! `target/release/tmdb-proxy`, stopped by PID at the end).
@@ -23,12 +24,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tmdb_proxy::sim::{Fault, Sim, max_in_window};
+use tmdb_proxy::sim::{Fault, Sim, SimBuilder, max_in_window};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The proxy's per-key limit in this run (the stand-in enforces TMDB's 50 behind it).
@@ -114,6 +116,24 @@ async fn raw(addr: SocketAddr, request: &[u8], within: Duration) -> Option<usize
     }
 }
 
+/// Starts the stand-in on a thread and runtime of its own, so that the times it records for
+/// arrivals do not wait behind the clients' tasks; it runs until the sender is dropped.
+fn on_own_thread(builder: SimBuilder) -> (Sim, tokio::sync::oneshot::Sender<()>) {
+    let (started, sim) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the stand-in");
+        runtime.block_on(async move {
+            let _ = started.send(builder.start().await.expect("the stand-in starts"));
+            let _ = stopped.await;
+        });
+    });
+    (sim.recv().expect("the stand-in started"), stop)
+}
+
 fn main() {
     let duration = duration_arg();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -131,22 +151,39 @@ async fn soak(duration: Duration) {
         .expect("cargo runs");
     assert!(built.success(), "the proxy builds");
 
-    let sim = Sim::builder()
-        .rate_limit(Some(50))
-        .keep_arrivals(200_000)
-        .fault("/3/reset", Fault::Close)
-        .fault("/3/broken", Fault::BreakBody { length: 1_000_000 })
-        .stall("/3/stall")
-        .respond(
-            "/3/html",
-            502,
-            &[("content-type", "text/html")],
-            "<html>edge</html>",
-        )
-        .stream("/3/big", 64 * 1024, 32, None)
-        .start()
-        .await
-        .expect("the stand-in starts");
+    let (sim, _stop_sim) = on_own_thread(
+        Sim::builder()
+            .rate_limit(Some(50))
+            .keep_arrivals(200_000)
+            .fault("/3/reset", Fault::Close)
+            .fault("/3/broken", Fault::BreakBody { length: 1_000_000 })
+            .stall("/3/stall")
+            // Headers and 64 KiB of a 320 KiB body, then nothing: the gate never opens.
+            .stream("/3/stall-body", 64 * 1024, 5, Some(Arc::new(Notify::new())))
+            // Closes its connection after answering, so pooled connections keep going away.
+            .respond(
+                "/3/closing",
+                200,
+                &[
+                    ("content-type", "application/json"),
+                    ("connection", "close"),
+                ],
+                "{}",
+            )
+            .fault(
+                "/3/early",
+                Fault::AnswerBeforeBody {
+                    read_after: Duration::from_millis(200),
+                },
+            )
+            .respond(
+                "/3/html",
+                502,
+                &[("content-type", "text/html")],
+                "<html>edge</html>",
+            )
+            .stream("/3/big", 64 * 1024, 32, None),
+    );
 
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("tmdb-proxy-soak-{}", std::process::id()));
@@ -237,6 +274,8 @@ async fn soak(duration: Duration) {
                 ("/3/broken?api_key=FAULTKEY".to_owned(), vec![]),
                 ("/3/stall?api_key=FAULTKEY".to_owned(), vec![]),
                 ("/3/html?api_key=FAULTKEY".to_owned(), vec![]),
+                ("/3/stall-body?api_key=FAULTKEY".to_owned(), vec![]),
+                ("/3/closing?api_key=FAULTKEY".to_owned(), vec![]),
             ],
         ),
         (
@@ -285,6 +324,32 @@ async fn soak(duration: Duration) {
                 }
             }));
         }
+    }
+    // Uploads of 512 KiB, answered by the stand-in before it reads them.
+    let uploader = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let upload = Bytes::from(vec![b' '; 512 * 1024]);
+    for _ in 0..2 {
+        let (client, upload, tally) = (uploader.clone(), upload.clone(), tally.clone());
+        let target = url("/3/early?api_key=UPLOADKEY");
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let req = Request::post(&target)
+                    .header("content-type", "application/json")
+                    .body(Full::new(upload.clone()))
+                    .unwrap();
+                match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                    Ok(Ok(response)) => {
+                        let status = response.status().as_u16();
+                        match response.into_body().collect().await {
+                            Ok(_) => tally.answered(&format!("uploads {status}")),
+                            Err(error) => tally.lost(&format!("uploads: body {error}")),
+                        }
+                    }
+                    Ok(Err(error)) => tally.lost(&format!("uploads: {error}")),
+                    Err(_) => tally.lost("uploads: no answer in 10 s"),
+                }
+            }
+        }));
     }
     // Malformed requests and slow readers, on raw sockets.
     let raws: Vec<(&str, Vec<u8>)> = vec![
@@ -348,6 +413,9 @@ async fn soak(duration: Duration) {
     // Every 10 s: the worst second of any key at the stand-in, and the proxy's memory.
     let mut worst = 0;
     let mut worst_key = String::new();
+    // The shortest time any key's LIMIT + 1 consecutive arrivals took: at least a second when
+    // the limit holds (the proxy spaces them by a second and `window_margin`).
+    let mut tightest = Duration::MAX;
     let mut rss_first_minute = 0;
     let mut carried: HashMap<String, Vec<Instant>> = HashMap::new();
     while Instant::now() < deadline {
@@ -363,8 +431,12 @@ async fn soak(duration: Duration) {
             if w > worst {
                 (worst, worst_key) = (w, key.clone());
             }
-            // Keep the last second, for windows across the slices.
-            let keep_from = Instant::now() - Duration::from_secs(1);
+            times.sort_unstable();
+            if let Some(span) = times.windows(LIMIT + 1).map(|w| w[LIMIT] - w[0]).min() {
+                tightest = tightest.min(span);
+            }
+            // Keep the last two seconds, for windows and spans across the slices.
+            let keep_from = Instant::now() - Duration::from_secs(2);
             times.retain(|&t| t >= keep_from);
         }
         if rss_first_minute == 0 && start.elapsed() >= Duration::from_secs(60).min(duration / 2) {
@@ -398,6 +470,11 @@ async fn soak(duration: Duration) {
     );
     println!(
         "| worst one-second window of a key at the stand-in | {worst} ({worst_key}; limit {LIMIT}) |"
+    );
+    println!(
+        "| shortest span of {} consecutive arrivals of a key | {:.3} s |",
+        LIMIT + 1,
+        tightest.as_secs_f64()
     );
     println!(
         "| proxy RSS at minute 1 / at the end | {:.1} / {:.1} MiB ({:+.1}%) |",
