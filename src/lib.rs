@@ -25,6 +25,8 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;

@@ -341,8 +341,9 @@ impl Bucket {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::fuzz::{Rng, for_each_seed};
 
     const MS: Nanos = 1_000_000;
     const SEC: Nanos = 1_000 * MS;
@@ -656,30 +657,12 @@ pub(crate) mod tests {
         }
     }
 
-    /// A small deterministic generator (splitmix64), so a failing case is replayed from its seed.
-    pub(crate) struct Rng(pub(crate) u64);
-
-    impl Rng {
-        pub(crate) fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// A number below `n`.
-        pub(crate) fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
-
     /// Any random sequence of acquires (now and queued), releases, restamps and pauses keeps
     /// every window at or under capacity, and a bucket that is neither paced nor paused and holds
     /// a token never refuses a request.
     #[test]
     fn property_the_window_holds_and_a_free_token_is_never_refused() {
-        for seed in 0..300 {
+        for_each_seed("bucket window", 0..300, |seed| {
             let mut rng = Rng(seed);
             let q = quota(1 + rng.below(8) as u32);
             let mut b = Bucket::default();
@@ -699,7 +682,13 @@ pub(crate) mod tests {
                         log.push(format!("acquire({now}, {max_wait}) = {decision:?}"));
                         match decision {
                             Decision::Admit { at, .. } => {
-                                assert!(at >= now && at - now <= max_wait, "seed {seed}: {log:#?}");
+                                // A stamp within CLOCK_SKEW ahead counts as the present, so
+                                // a turn may come that much past `max_wait` (seed
+                                // 1796167054715744758: a queued turn at the end of a pause).
+                                assert!(
+                                    at >= now && at - now <= max_wait + CLOCK_SKEW,
+                                    "seed {seed}: {log:#?}"
+                                );
                                 if free {
                                     assert!(at - now <= CLOCK_SKEW, "seed {seed}: {log:#?}");
                                 }
@@ -742,6 +731,6 @@ pub(crate) mod tests {
                     );
                 }
             }
-        }
+        });
     }
 }

@@ -654,7 +654,7 @@ mod tests {
     }
 
     fn run_departures(seed: u64) -> (LocalBudget, Departures) {
-        use crate::limiter::bucket::tests::Rng;
+        use crate::fuzz::Rng;
         let keys = [Key::of("a"), Key::of("b"), Key::of("c")];
         let mut rng = Rng(seed);
         let mut out = Departures::default();
@@ -702,7 +702,7 @@ mod tests {
     /// once a reload has settled, none holds more than the new one.
     #[test]
     fn property_no_second_of_departures_exceeds_the_limits() {
-        for seed in 0..200 {
+        crate::fuzz::for_each_seed("departures", 0..200, |seed| {
             let (b, out) = run_departures(seed);
             let settled = out.settled.unwrap_or(b.epoch);
             let (key_now, global_now) = POLICIES[out.in_force];
@@ -721,6 +721,6 @@ mod tests {
                     "seed {seed}: {worst} after the reload settled"
                 );
             }
-        }
+        });
     }
 }

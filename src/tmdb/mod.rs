@@ -17,7 +17,7 @@ pub use status::{ErrorBody, Status};
 #[cfg(test)]
 mod robustness {
     use super::*;
-    use crate::limiter::bucket::tests::Rng;
+    use crate::fuzz::{Rng, for_each_seed};
     use http::{HeaderMap, HeaderValue};
 
     /// A string of up to `max` characters drawn from pieces that matter to the parsers.
@@ -67,68 +67,72 @@ mod robustness {
 
     #[test]
     fn queries_keys_and_refusals_never_panic() {
-        let mut rng = Rng(7);
-        for _ in 0..20_000 {
-            let text = input(&mut rng, 24);
-            let query = Query::parse(Some(&text));
-            // Every pair's raw text is a piece of the query; no pair is empty.
-            for pair in query.pairs() {
-                assert!(!pair.raw.is_empty() && text.contains(pair.raw));
+        for_each_seed("queries", 0..200, |seed| {
+            let mut rng = Rng(seed);
+            for _ in 0..100 {
+                let text = input(&mut rng, 24);
+                let query = Query::parse(Some(&text));
+                // Every pair's raw text is a piece of the query; no pair is empty.
+                for pair in query.pairs() {
+                    assert!(!pair.raw.is_empty() && text.contains(pair.raw));
+                }
+                let headers = HeaderMap::new();
+                if let Some(credential) = auth::credential(&query, &headers) {
+                    assert!(!credential.as_sent().trim().is_empty());
+                }
+                let _ = auth::is_ambiguous(&query, &headers);
+                let _ = rules::refused_query(&query, rules::QuotaSavers::ALL);
+                let path = format!("/3/{text}");
+                let allowed = rules::path_allowed(&path, &["/3/".to_owned()]);
+                // An allowed path has nothing the upstream could resolve outside the list.
+                if allowed {
+                    let lower = path.to_ascii_lowercase();
+                    assert!(
+                        !["%2f", "%5c", "\\", ";"].iter().any(|n| lower.contains(n)),
+                        "{path}"
+                    );
+                    assert!(
+                        lower.split('/').all(|segment| {
+                            let decoded = segment.replace("%2e", ".");
+                            decoded != "." && decoded != ".."
+                        }),
+                        "{path}"
+                    );
+                }
             }
-            let headers = HeaderMap::new();
-            if let Some(credential) = auth::credential(&query, &headers) {
-                assert!(!credential.as_sent().trim().is_empty());
-            }
-            let _ = auth::is_ambiguous(&query, &headers);
-            let _ = rules::refused_query(&query, rules::QuotaSavers::ALL);
-            let path = format!("/3/{text}");
-            let allowed = rules::path_allowed(&path, &["/3/".to_owned()]);
-            // An allowed path has nothing the upstream could resolve outside the list.
-            if allowed {
-                let lower = path.to_ascii_lowercase();
-                assert!(
-                    !["%2f", "%5c", "\\", ";"].iter().any(|n| lower.contains(n)),
-                    "{path}"
-                );
-                assert!(
-                    lower.split('/').all(|segment| {
-                        let decoded = segment.replace("%2e", ".");
-                        decoded != "." && decoded != ".."
-                    }),
-                    "{path}"
-                );
-            }
-        }
+        });
     }
 
     #[test]
     fn bearer_tokens_and_jwts_never_panic() {
         use base64::Engine as _;
-        let mut rng = Rng(11);
         let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        for _ in 0..5_000 {
-            let claims = input(&mut rng, 12);
-            let token = match rng.below(3) {
-                0 => format!(
-                    "{}.{}.{}",
-                    enc.encode("{}"),
-                    enc.encode(&claims),
-                    enc.encode("s")
-                ),
-                1 => format!("x.{claims}.y"),
-                _ => claims.clone(),
-            };
-            let _ = auth::jwt_audience(&token);
-            let _ = auth::account_of(&token);
-            if let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) {
-                let mut headers = HeaderMap::new();
-                headers.insert(http::header::AUTHORIZATION, value);
-                let query = Query::default();
-                if let Some(credential) = auth::credential(&query, &headers) {
-                    assert!(!credential.account().is_empty());
+        for_each_seed("tokens", 0..50, |seed| {
+            let mut rng = Rng(seed);
+            for _ in 0..100 {
+                let claims = input(&mut rng, 12);
+                let token = match rng.below(3) {
+                    0 => format!(
+                        "{}.{}.{}",
+                        enc.encode("{}"),
+                        enc.encode(&claims),
+                        enc.encode("s")
+                    ),
+                    1 => format!("x.{claims}.y"),
+                    _ => claims.clone(),
+                };
+                let _ = auth::jwt_audience(&token);
+                let _ = auth::account_of(&token);
+                if let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(http::header::AUTHORIZATION, value);
+                    let query = Query::default();
+                    if let Some(credential) = auth::credential(&query, &headers) {
+                        assert!(!credential.account().is_empty());
+                    }
                 }
             }
-        }
+        });
     }
 
     #[test]
@@ -167,13 +171,15 @@ mod robustness {
             "\"99999999999999h\"",
             "true",
         ];
-        let mut rng = Rng(13);
-        for _ in 0..5_000 {
-            let len = rng.below(30);
-            let text: String = (0..len)
-                .map(|_| PIECES[rng.below(PIECES.len() as u64) as usize])
-                .collect();
-            let _ = crate::config::Config::from_toml_str(&text);
-        }
+        for_each_seed("config text", 0..50, |seed| {
+            let mut rng = Rng(seed);
+            for _ in 0..100 {
+                let len = rng.below(30);
+                let text: String = (0..len)
+                    .map(|_| PIECES[rng.below(PIECES.len() as u64) as usize])
+                    .collect();
+                let _ = crate::config::Config::from_toml_str(&text);
+            }
+        });
     }
 }
