@@ -231,8 +231,12 @@ impl Bucket {
             Some(&last) if last > now && last - now <= CLOCK_SKEW => last,
             _ => now,
         };
+        let at = self.next_slot(now, quota);
+        // A given-back slot helps only if it comes before the next one in line: one left behind
+        // the end of the queue (everything after it was given back too) would make a request
+        // that could leave now wait for it.
         if let Some(hole) = self.reusable_hole(now, quota) {
-            if hole - now <= max_wait {
+            if hole < at && hole - now <= max_wait {
                 let p = self.spent.partition_point(|&e| e <= hole);
                 self.spent.insert(p, hole);
                 return Decision::Admit {
@@ -243,7 +247,6 @@ impl Bucket {
             }
             self.holes.get_or_insert_default().push(hole);
         }
-        let at = self.next_slot(now, quota);
         if at - now > max_wait {
             return Decision::Deny {
                 in_window: u32::try_from(self.spent.len()).unwrap_or(u32::MAX),
@@ -360,6 +363,24 @@ mod tests {
             Decision::Admit { at, .. } => at,
             Decision::Deny { .. } => panic!("denied: {d:?}"),
         }
+    }
+
+    /// A slot given back behind the end of the queue is no reason to wait: a key with a token
+    /// free now is admitted now.
+    #[test]
+    fn a_given_back_slot_past_the_queue_does_not_delay_a_free_token() {
+        let q = quota(1);
+        let w = q.window;
+        let mut b = Bucket::default();
+        let turns: Vec<Nanos> = (0..4).map(|_| admitted(b.acquire(0, q, 4 * SEC))).collect();
+        assert_eq!(turns, [0, w, 2 * w, 3 * w]);
+        // The queued requests go away without leaving, the one at 2w first: its slot is a hole.
+        b.release(2 * w);
+        b.release(3 * w);
+        b.release(w);
+        // A window after the key was last dry, its token is free, and pacing has ended.
+        let now = w + 50 * MS;
+        assert_eq!(admitted(b.acquire(now, q, 2 * SEC)), now);
     }
 
     /// A bucket stays small: with its key it fits in about a cache line (memory per live key).
