@@ -27,11 +27,28 @@ struct Process {
 impl Process {
     /// Writes `toml` to a temporary file and starts the binary on it, on 127.0.0.1:0.
     async fn start(name: &str, toml: &str) -> Self {
+        Self::start_with(name, toml, Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))).await
+    }
+
+    /// Starts the binary with its open-files limit set to `soft` and `hard` first, as
+    /// `ulimit` in a start script would.
+    async fn start_with_open_files(name: &str, toml: &str, soft: u64, hard: u64) -> Self {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_tmdb-proxy"));
+        Self::start_with(name, toml, command).await
+    }
+
+    async fn start_with(name: &str, toml: &str, mut command: Command) -> Self {
         let dir = std::env::temp_dir().join(format!("tmdb-proxy-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("tmdb-proxy.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .env_remove("RUST_LOG")
@@ -99,6 +116,20 @@ impl Process {
             .status()
             .expect("kill runs");
         assert!(status.success());
+    }
+
+    /// The process's soft and hard open-files limits, from `/proc`.
+    fn open_files(&self) -> (u64, u64) {
+        let pid = self.child.id().expect("still running");
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = (limits.lines())
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let numbers: Vec<u64> = (line.split_whitespace())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (numbers[0], numbers[1])
     }
 
     fn log(&self) -> Vec<String> {
@@ -317,4 +348,42 @@ async fn json_logs_carry_the_request_id() {
     let json: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
     assert_eq!(json["span"]["id"], "trace-me-42");
     assert_eq!(json["fields"]["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_one() {
+    let sim = sim().await;
+    let toml = config_for(&sim, "[server]\nmax_connections = 1000\n");
+    let proxy = Process::start_with_open_files("nofile", &toml, 256, 4096).await;
+    assert_eq!(proxy.open_files(), (4096, 4096));
+    assert_eq!(
+        proxy.count("open-files limit is below"),
+        0,
+        "{:#?}",
+        proxy.log()
+    );
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_files_limit_too_low_for_max_connections_is_a_warning() {
+    let sim = sim().await;
+    let toml = config_for(&sim, "[server]\nmax_connections = 1000\n");
+    let proxy = Process::start_with_open_files("nofile-low", &toml, 256, 512).await;
+    assert_eq!(proxy.open_files(), (512, 512));
+    let warned = proxy
+        .log()
+        .into_iter()
+        .find(|l| l.contains("open-files limit is below"));
+    let warned = warned.unwrap_or_else(|| panic!("no warning in {:#?}", proxy.log()));
+    assert!(
+        warned.contains("WARN") && warned.contains("limit=512"),
+        "{warned}"
+    );
+    // It still serves.
+    let reply = get(&http1_client(), &proxy.url("/3/movie/550?api_key=K")).await;
+    assert_eq!(reply.status, 200);
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait(Duration::from_secs(10)).await, Some(0));
 }
