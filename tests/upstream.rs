@@ -287,3 +287,32 @@ async fn an_upstream_that_answers_before_reading_an_upload_holds_up_no_other_req
         .collect();
     assert_eq!(uploads, [512 * 1024; 6], "every upload arrived whole");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_has_request_timeout_from_its_turn_for_connection_and_answer_together() {
+    // One upstream connection, held by a stalled request when a queued request's turn comes.
+    let harness = InProcess::new(
+        "[limit]\nrequests_per_second = 1\nmode = \"queue\"\nmax_wait = \"2s\"\n\
+         [upstream]\nmax_connections = 1\nrequest_timeout = \"500ms\"\n",
+        sim_with(Sim::builder().stall("/3/stall")).await,
+    );
+    let start = tokio::time::Instant::now();
+    let ms = Duration::from_millis;
+    assert_eq!(harness.get("/3/movie/1?api_key=K").await.status, 200);
+    // K's next token comes 1.05 s after its first.
+    let queued = harness.spawn_get("/3/stall?api_key=K");
+    tokio::time::sleep(ms(1000)).await;
+    let holder = harness.spawn_get("/3/stall?api_key=J");
+    let holder = holder.await.unwrap();
+    assert_eq!((holder.status.as_u16(), start.elapsed()), (504, ms(1500)));
+    // The queued request waited 1.05 s for its turn, then 450 ms for the connection and 50 ms
+    // for the upstream: its 500 ms ran from its turn, not from when it got the connection.
+    let queued = queued.await.unwrap();
+    assert_eq!((queued.status.as_u16(), start.elapsed()), (504, ms(1550)));
+    assert!(
+        queued.text().contains(r#""status_code":24"#),
+        "{}",
+        queued.text()
+    );
+    assert_eq!(harness.sim.hits(), 3);
+}
