@@ -7,7 +7,9 @@
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 /// The environment variable that turns replay into a timed run of fresh seeds.
 const SECONDS_VAR: &str = "TMDB_PROXY_FUZZ_SECONDS";
