@@ -75,6 +75,12 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_PATHS: [&str; 2] = ["/3/", "/4/"];
 /// Prefix of environment overrides: `TMDB_PROXY__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "TMDB_PROXY";
+/// Prefix of every Redis key of the shared budget.
+pub const DEFAULT_NAMESPACE: &str = "tmdb-proxy";
+/// Longest wait for one Redis call of the shared budget.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(25);
+/// The longest `cluster.call_timeout` allowed: a request never waits longer on Redis.
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Highest accepted `requests_per_second`; beyond this the proxy is the bottleneck anyway.
 const MAX_REQUESTS_PER_SECOND: u32 = 1_000_000;
@@ -205,6 +211,32 @@ struct RawConfig {
     log: RawLog,
     quota_savers: RawQuotaSavers,
     admin: RawAdmin,
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCluster {
+    redis_url: String,
+    cluster_nodes: Vec<String>,
+    namespace: String,
+    expected_replicas: u32,
+    #[serde(with = "humantime_serde")]
+    call_timeout: Duration,
+    require_redis: bool,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            cluster_nodes: Vec::new(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            expected_replicas: 1,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            require_redis: false,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -461,6 +493,66 @@ pub struct Config {
     pub log: LogConfig,
     pub quota_savers: QuotaSavers,
     pub admin: AdminConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// The shared budget on Redis (`[cluster]`). Off when `store` is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub store: Option<RedisStore>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    pub namespace: String,
+    /// While Redis is unreachable each replica allows `floor(N / expected_replicas)`.
+    pub expected_replicas: NonZeroU32,
+    pub call_timeout: Duration,
+    /// `/readyz` answers 503 while the budget is local.
+    pub require_redis: bool,
+}
+
+/// Where the shared budget lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisStore {
+    /// One Redis (or Valkey): `redis://` or `rediss://` (TLS).
+    Single(RedisUrl),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<RedisUrl>),
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Single(url) => f.debug_tuple("Single").field(url).finish(),
+            Self::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
+        }
+    }
+}
+
+/// A Redis URL, which may carry a password: shown with its userinfo redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(Secret);
+
+impl RedisUrl {
+    /// The URL itself; call only to connect.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// Whether the connection is TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.expose().starts_with("rediss://")
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&shown_url(self.expose()))
+    }
 }
 
 /// The admin listener: `/healthz`, `/readyz`, `/metrics`.
@@ -741,6 +833,7 @@ impl Config {
                 "limit.sweep_interval",
                 self.limit.sweep_interval != running.limit.sweep_interval,
             ),
+            ("cluster", self.cluster != running.cluster),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -763,8 +856,86 @@ impl Config {
                 dates: raw.quota_savers.dates,
                 append_to_response: raw.quota_savers.append_to_response,
             },
+            cluster: validate_cluster(raw.cluster)?,
         })
     }
+}
+
+fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let url = |key: &'static str, text: &str| -> Result<RedisUrl, ConfigError> {
+        let text = text.trim();
+        let shown = shown_url(text);
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Err(invalid(
+                key,
+                format!("`{shown}` is not a redis:// or rediss:// URL"),
+            ));
+        };
+        if scheme != "redis" && scheme != "rediss" {
+            return Err(invalid(
+                key,
+                format!("`{shown}`: the scheme must be redis or rediss"),
+            ));
+        }
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        if host.is_empty() || host.starts_with('/') {
+            return Err(invalid(key, format!("`{shown}` names no host")));
+        }
+        // The password may be in the URL, so redis-rs's own message is not shown.
+        redis::IntoConnectionInfo::into_connection_info(text)
+            .map_err(|_| invalid(key, format!("`{shown}` is not a valid Redis URL")))?;
+        Ok(RedisUrl(Secret::new(text)))
+    };
+    let store = match (
+        raw.redis_url.trim().is_empty(),
+        raw.cluster_nodes.is_empty(),
+    ) {
+        (true, true) => None,
+        (false, false) => {
+            return Err(invalid(
+                "cluster.cluster_nodes",
+                "set either cluster.redis_url or cluster.cluster_nodes, not both",
+            ));
+        }
+        (false, true) => Some(RedisStore::Single(url(
+            "cluster.redis_url",
+            &raw.redis_url,
+        )?)),
+        (true, false) => Some(RedisStore::Cluster(
+            raw.cluster_nodes
+                .iter()
+                .map(|node| url("cluster.cluster_nodes", node))
+                .collect::<Result<_, _>>()?,
+        )),
+    };
+    let namespace = raw.namespace.trim().to_owned();
+    if namespace.is_empty()
+        || namespace.len() > 64
+        || !namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(invalid(
+            "cluster.namespace",
+            "1 to 64 characters of letters, digits, `-`, `_`, `.` and `:`",
+        ));
+    }
+    let expected_replicas = NonZeroU32::new(raw.expected_replicas)
+        .filter(|n| n.get() <= 1000)
+        .ok_or_else(|| invalid("cluster.expected_replicas", "must be 1 to 1000"))?;
+    if raw.call_timeout.is_zero() || raw.call_timeout > MAX_CALL_TIMEOUT {
+        return Err(invalid(
+            "cluster.call_timeout",
+            format!("must be more than 0 and at most {MAX_CALL_TIMEOUT:?}"),
+        ));
+    }
+    Ok(ClusterConfig {
+        store,
+        namespace,
+        expected_replicas,
+        call_timeout: raw.call_timeout,
+        require_redis: raw.require_redis,
+    })
 }
 
 fn parse_listen(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1248,6 +1419,68 @@ mod tests {
         assert_eq!(cfg.limit.max_wait, Duration::from_secs(2));
         assert_eq!(cfg.upstream.max_connections.get(), 20);
         assert!(cfg.keys.default_api_key.is_none());
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_its_password_never_shows() {
+        let cfg = Config::from_toml_str("").unwrap();
+        assert_eq!(cfg.cluster.store, None);
+        assert_eq!(cfg.cluster.namespace, "tmdb-proxy");
+        assert_eq!(cfg.cluster.call_timeout, Duration::from_millis(25));
+        let url = "redis://app:hunter2-secret@10.0.0.5:6380/2";
+        let cfg = Config::from_toml_with_env(
+            "",
+            env(&[
+                ("TMDB_PROXY__CLUSTER__REDIS_URL", url),
+                ("TMDB_PROXY__CLUSTER__EXPECTED_REPLICAS", "3"),
+            ]),
+        )
+        .unwrap();
+        let Some(RedisStore::Single(found)) = &cfg.cluster.store else {
+            panic!("{:?}", cfg.cluster);
+        };
+        assert_eq!(found.expose(), url);
+        assert_eq!(cfg.cluster.expected_replicas.get(), 3);
+        let shown = format!("{cfg:?} {found}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://<redacted>@10.0.0.5:6380/2"),
+            "{shown}"
+        );
+        let nodes = Config::from_toml_str(
+            "[cluster]\ncluster_nodes = [\"redis://127.0.0.1:7000\", \"rediss://h:7001\"]\n",
+        )
+        .unwrap();
+        assert!(matches!(nodes.cluster.store, Some(RedisStore::Cluster(ref n)) if n.len() == 2));
+    }
+
+    #[test]
+    fn bad_cluster_settings_are_refused_without_the_password() {
+        for (toml, key) in [
+            (
+                "redis_url = \"http://u:hunter2@h:6379\"",
+                "cluster.redis_url",
+            ),
+            ("redis_url = \"redis://u:hunter2@\"", "cluster.redis_url"),
+            (
+                "redis_url = \"redis://h\"\ncluster_nodes = [\"redis://h2\"]",
+                "cluster.cluster_nodes",
+            ),
+            (
+                "cluster_nodes = [\"nope://u:hunter2@h\"]",
+                "cluster.cluster_nodes",
+            ),
+            ("namespace = \"a{b}\"", "cluster.namespace"),
+            ("namespace = \"\"", "cluster.namespace"),
+            ("expected_replicas = 0", "cluster.expected_replicas"),
+            ("call_timeout = \"0s\"", "cluster.call_timeout"),
+            ("call_timeout = \"5s\"", "cluster.call_timeout"),
+        ] {
+            let error = Config::from_toml_str(&format!("[cluster]\n{toml}\n")).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains(key), "{toml}: {text}");
+            assert!(!text.contains("hunter2"), "{toml}: {text}");
+        }
     }
 
     #[test]
