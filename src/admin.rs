@@ -78,8 +78,10 @@ pub fn answer<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if proxy.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => match proxy.readiness() {
+            (true, body) => text(StatusCode::OK, body),
+            (false, body) => text(StatusCode::SERVICE_UNAVAILABLE, body),
+        },
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(proxy.render_metrics())));
             response.headers_mut().insert(

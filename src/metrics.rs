@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::limiter::shared::Figures;
+
 /// `Content-Type` of the `/metrics` answer.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -72,6 +74,39 @@ pub struct Metrics {
     client_connections: Gauge,
     broken_bodies: Counter,
     broken_seen: AtomicI64,
+    cluster: Option<ClusterMetrics>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToLabels {
+    to: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+/// Metrics of the shared budget (registered only when `[cluster]` is on). The budget keeps
+/// its own counters; a scrape copies them here.
+#[derive(Debug)]
+struct ClusterMetrics {
+    mode: Family<ModeLabels, Gauge>,
+    calls: Family<ResultLabels, Counter>,
+    call_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    transitions: Family<ToLabels, Counter>,
+    tokens: Family<ActionLabels, Counter>,
+    decided_locally: Counter,
 }
 
 impl Default for Metrics {
@@ -82,6 +117,15 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// With the shared budget's metrics too.
+    pub fn with_cluster() -> Self {
+        Self::build(true)
+    }
+
+    fn build(cluster: bool) -> Self {
         let mut registry = Registry::with_prefix("tmdb_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -132,7 +176,9 @@ impl Metrics {
             "Upstream response bodies that broke after their headers arrived",
             broken_bodies.clone(),
         );
+        let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
         Self {
+            cluster,
             registry,
             requests,
             key_requests,
@@ -187,7 +233,11 @@ impl Metrics {
         queue_waiting: usize,
         active_buckets: usize,
         broken_bodies: u64,
+        cluster: Option<Figures>,
     ) -> String {
+        if let (Some(metrics), Some(figures)) = (&self.cluster, cluster) {
+            metrics.set(&figures);
+        }
         self.queue_waiting
             .set(i64::try_from(queue_waiting).unwrap_or(i64::MAX));
         self.active_buckets
@@ -206,6 +256,94 @@ impl Metrics {
     }
 }
 
+impl ClusterMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self {
+            mode: Family::default(),
+            calls: Family::default(),
+            call_seconds: Counter::default(),
+            transitions: Family::default(),
+            tokens: Family::default(),
+            decided_locally: Counter::default(),
+        };
+        registry.register(
+            "budget_mode",
+            "1 for the budget in force: shared (Redis) or local (Redis unreachable)",
+            this.mode.clone(),
+        );
+        registry.register(
+            "redis_calls",
+            "Calls of the shared budget to Redis by result (ok, error, timeout)",
+            this.calls.clone(),
+        );
+        registry.register(
+            "redis_call_seconds",
+            "Total time of answered Redis calls",
+            this.call_seconds.clone(),
+        );
+        registry.register(
+            "budget_breaker_transitions",
+            "Changes of the Redis breaker, by the mode changed to",
+            this.transitions.clone(),
+        );
+        registry.register(
+            "shared_tokens",
+            "Tokens of the shared budget granted, restamped at departure, or released",
+            this.tokens.clone(),
+        );
+        registry.register(
+            "budget_decided_locally",
+            "Requests decided by the local share because Redis did not answer",
+            this.decided_locally.clone(),
+        );
+        this
+    }
+
+    /// Copies the budget's counters (they only grow) into the registry's.
+    fn set(&self, f: &Figures) {
+        let catch_up = |counter: &Counter, value: u64| {
+            let seen = counter.get();
+            if value > seen {
+                counter.inc_by(value - seen);
+            }
+        };
+        let (shared, local) = if f.shared { (1, 0) } else { (0, 1) };
+        self.mode
+            .get_or_create(&ModeLabels { mode: "shared" })
+            .set(shared);
+        self.mode
+            .get_or_create(&ModeLabels { mode: "local" })
+            .set(local);
+        for (result, value) in [
+            ("ok", f.calls_ok),
+            ("error", f.calls_failed),
+            ("timeout", f.calls_timed_out),
+        ] {
+            catch_up(&self.calls.get_or_create(&ResultLabels { result }), value);
+        }
+        let seen = self.call_seconds.get();
+        if f.call_seconds > seen {
+            self.call_seconds.inc_by(f.call_seconds - seen);
+        }
+        catch_up(
+            &self.transitions.get_or_create(&ToLabels { to: "local" }),
+            f.breaker_opened,
+        );
+        catch_up(
+            &self.transitions.get_or_create(&ToLabels { to: "shared" }),
+            f.breaker_closed,
+        );
+        for (action, value) in [
+            ("granted", f.tokens_granted),
+            ("restamped", f.tokens_restamped),
+            ("released", f.tokens_released),
+        ] {
+            catch_up(&self.tokens.get_or_create(&ActionLabels { action }), value);
+        }
+        catch_up(&self.decided_locally, f.decided_locally);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +354,7 @@ mod tests {
         m.record_request(Outcome::Forwarded, None, Some("web"));
         m.record_request(Outcome::UpstreamError, Some(43), None);
         m.record_upstream_latency(Duration::from_millis(12));
-        let text = m.render(3, 7, 1);
+        let text = m.render(3, 7, 1, None);
         assert!(
             text.contains(r#"tmdb_proxy_requests_total{outcome="forwarded",code=""} 1"#),
             "{text}"

@@ -309,6 +309,11 @@ impl Bucket {
     }
 
     /// Whether nothing may be admitted at `t` because of an upstream 429.
+    /// The stamps held, oldest first (queued ones last).
+    pub fn stamps(&self) -> &[Nanos] {
+        &self.spent
+    }
+
     pub fn is_paused(&self, t: Nanos) -> bool {
         t < self.paused_until
     }

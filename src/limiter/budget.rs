@@ -82,6 +82,11 @@ pub trait Budget: Send + Sync + fmt::Debug {
 
     /// Keys the budget holds state for now (a gauge).
     fn tracked_keys(&self) -> usize;
+
+    /// The shared budget, if this is one (its mode and counters, for readiness and metrics).
+    fn shared(&self) -> Option<&super::SharedBudget> {
+        None
+    }
 }
 
 /// A key's limit state, as a client is told it in the rate-limit headers.
@@ -130,6 +135,8 @@ pub struct Grant {
     pub rate: RateState,
     /// What [`Budget::resume`], [`Budget::confirm`] and [`Budget::release`] act on.
     pub stamps: [Option<Stamp>; 2],
+    /// Issued by the shared budget (its stamps are on Redis's clock), not by a local one.
+    pub shared: bool,
 }
 
 /// Why a request is answered 429 (code 25) without going upstream.

@@ -65,6 +65,23 @@ impl LocalBudget {
         self.epoch + Duration::from_nanos(t)
     }
 
+    /// The ages at `now` of the tokens each key spent in the last window (queued ones not
+    /// included): what the shared budget writes into Redis when it takes over again.
+    pub fn recent(&self, now: Instant) -> Vec<(Key, Vec<Duration>)> {
+        let (t, policy) = (self.nanos(now), self.policy.load());
+        self.store.collect(|key, bucket| {
+            let window = match key {
+                Key::GLOBAL => policy.global.map_or(policy.default.window, |g| g.window),
+                key => policy.quota_for(key).window,
+            };
+            let ages: Vec<Duration> = (bucket.stamps().iter())
+                .filter(|&&at| at <= t && at + window > t)
+                .map(|&at| Duration::from_nanos(t - at))
+                .collect();
+            (!ages.is_empty()).then_some((key, ages))
+        })
+    }
+
     /// Drops buckets of keys that have gone idle by `now`; returns how many remain.
     pub fn sweep(&self, now: Instant) -> usize {
         self.store
@@ -104,7 +121,12 @@ impl LocalBudget {
         self.store.len() < policy.max_keys
     }
 
-    fn try_acquire(&self, key: Key, now: Instant, max_wait: Duration) -> Result<Grant, Refusal> {
+    pub(crate) fn try_acquire(
+        &self,
+        key: Key,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<Grant, Refusal> {
         let policy = self.policy.load();
         let quota = policy.quota_for(key);
         let (t, max_wait) = (self.nanos(now), nanos(max_wait));
@@ -116,6 +138,7 @@ impl LocalBudget {
             queue_limit: quota.capacity,
             rate,
             stamps: [Some(Stamp { key, quota, at }), None],
+            shared: false,
         };
         // A stamp within the clock skew of now is the present, not a queue to wait behind.
         if at.saturating_sub(t) > CLOCK_SKEW {

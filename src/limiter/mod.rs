@@ -16,6 +16,7 @@ pub mod budget;
 pub mod key;
 pub mod known;
 pub mod local;
+pub mod shared;
 pub mod store;
 
 pub use bucket::{CLOCK_SKEW, Decision, Nanos, Quota};
@@ -23,4 +24,5 @@ pub use budget::{Budget, Grant, Pending, Policy, RateState, Reason, Refusal, Sta
 pub use key::{Fingerprint, Key};
 pub use known::KnownKeys;
 pub use local::LocalBudget;
+pub use shared::{Mode, SharedBudget};
 pub use store::Store;

@@ -38,6 +38,14 @@ impl Store {
         self.buckets.len()
     }
 
+    /// What `f` makes of each bucket, where it makes something.
+    pub fn collect<T>(&self, mut f: impl FnMut(Key, &Bucket) -> Option<T>) -> Vec<T> {
+        self.buckets
+            .iter()
+            .filter_map(|entry| f(*entry.key(), entry.value()))
+            .collect()
+    }
+
     /// Buckets in the table.
     pub fn len(&self) -> usize {
         self.buckets.len()

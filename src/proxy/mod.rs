@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::limiter::{Budget, Grant, Key, LocalBudget, Policy, Reason};
+use crate::limiter::{Budget, Grant, Key, LocalBudget, Mode, Policy, Reason, SharedBudget};
 use crate::metrics::{Metrics, Outcome};
 use crate::tmdb::Query;
 use crate::tmdb::status::code;
@@ -59,6 +59,8 @@ struct Shared {
     broken_bodies: Arc<AtomicU64>,
     /// False once shutdown began: `/readyz` answers 503 so load balancers stop sending.
     ready: AtomicBool,
+    /// `cluster.require_redis`: not ready while the shared budget is local.
+    require_redis: bool,
     /// Seed and counter for generated request ids.
     id_seed: RandomState,
     id_counter: AtomicU64,
@@ -104,17 +106,31 @@ impl Proxy {
     }
 
     fn build(cfg: &Config, dialer: Option<Dialer>) -> Result<Self, BuildError> {
-        let budget = Arc::new(LocalBudget::new(Policy::new(&cfg.limit, budget_key)));
-        LocalBudget::spawn_sweeper(&budget, cfg.limit.sweep_interval);
+        let policy = Policy::new(&cfg.limit, budget_key);
+        let budget: Arc<dyn Budget> = match &cfg.cluster.store {
+            Some(store) => Arc::new(
+                SharedBudget::new(&cfg.cluster, store, policy)
+                    .map_err(|e| BuildError::Cluster(e.to_string()))?,
+            ),
+            None => {
+                let local = Arc::new(LocalBudget::new(policy));
+                LocalBudget::spawn_sweeper(&local, cfg.limit.sweep_interval);
+                local
+            }
+        };
         let broken_bodies = Arc::new(AtomicU64::new(0));
         let settings = Settings::new(cfg, None, &broken_bodies, dialer.as_ref())?;
         Ok(Self {
             shared: Arc::new(Shared {
                 admission: Admission::new(budget),
                 settings: ArcSwap::from_pointee(settings),
-                metrics: Metrics::new(),
+                metrics: match cfg.cluster.store {
+                    Some(_) => Metrics::with_cluster(),
+                    None => Metrics::new(),
+                },
                 broken_bodies,
                 ready: AtomicBool::new(true),
+                require_redis: cfg.cluster.require_redis,
                 id_seed: RandomState::new(),
                 id_counter: AtomicU64::new(0),
                 dialer,
@@ -171,7 +187,30 @@ impl Proxy {
             shared.admission.queued(),
             shared.admission.budget().tracked_keys(),
             shared.broken_bodies.load(Ordering::Relaxed),
+            shared
+                .admission
+                .budget()
+                .shared()
+                .map(SharedBudget::figures),
         )
+    }
+
+    /// `/readyz`: whether the proxy takes new work, and what to say. With a shared budget the
+    /// answer names its mode; while it is local, `cluster.require_redis` makes it not ready
+    /// (requests are still served on the local share).
+    pub fn readiness(&self) -> (bool, &'static str) {
+        if !self.is_ready() {
+            return (false, "draining\n");
+        }
+        match self.budget().shared().map(|budget| budget.mode()) {
+            None => (true, "ready\n"),
+            Some(Mode::Shared) => (true, "ready\nbudget: shared\n"),
+            Some(Mode::Local) if self.shared.require_redis => (
+                false,
+                "not ready\nbudget: local (Redis does not answer; cluster.require_redis is on)\n",
+            ),
+            Some(Mode::Local) => (true, "ready\nbudget: local (Redis does not answer)\n"),
+        }
     }
 
     /// Whether the proxy takes new work (false once draining).

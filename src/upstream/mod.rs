@@ -40,6 +40,9 @@ pub enum BuildError {
     CaFile { path: String, message: String },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The shared budget could not be set up (a Redis URL redis-rs refuses).
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Sending a request upstream failed before a response arrived.

@@ -1,0 +1,783 @@
+//! The shared budget: one budget for every replica, kept in Redis.
+//!
+//! The bucket math is the local limiter's, run by one Lua script on Redis's clock (see
+//! `budget.lua` and [`script`] for the key layout), so N replicas together never send more than
+//! N per window for a key. The hot path:
+//! - acquires of one key go through its *lane*: at most one call per key is in flight from this
+//!   replica, and requests arriving meanwhile are charged together by the next call;
+//! - a refusal marks the key dry here until its `retry_after`, and requests that cannot wait that
+//!   long are refused without asking Redis;
+//! - a grant that leaves within the tolerance needs no second call; a later one is restamped.
+//!
+//! When Redis fails or is slow, no request waits on it longer than `call_timeout`: the request is
+//! decided by the local share (a [`LocalBudget`] allowing `floor(N / expected_replicas)`), which
+//! admits nothing until a window after the failures began, so the admissions other replicas made
+//! through Redis have expired. After [`FAILURES_TO_OPEN`](breaker::FAILURES_TO_OPEN) failures in a
+//! row the breaker opens and Redis is not asked at all; a probe closes it once Redis answers,
+//! after writing the local share's admissions of the last window into Redis, so the shared log
+//! counts them.
+
+mod breaker;
+mod link;
+mod script;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::budget::{Budget, Grant, Pending, Policy, RateState, Reason, Refusal, Stamp};
+use super::key::Key;
+use super::local::LocalBudget;
+use super::{Nanos, Quota};
+use crate::config::{ClusterConfig, RedisStore};
+use breaker::{Breaker, Transition};
+use link::Link;
+pub use link::LinkError;
+use script::{Answer, Ask, Confirmed, GlobalSlot, Layout, Micros, Move, Resumed};
+
+/// Most tokens one call takes for a key.
+const MAX_BATCH: usize = 64;
+
+/// How often an open breaker probes Redis, and idle lanes are dropped.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// A stamp this close ahead of Redis's now counts as the present (as `CLOCK_SKEW`), in µs.
+const SKEW: Micros = 1_000;
+
+/// Which budget is in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every replica charges one budget in Redis.
+    Shared,
+    /// Redis is unreachable: this replica keeps its local share.
+    Local,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// Counters of the shared budget, for metrics.
+#[derive(Debug, Default)]
+struct Stats {
+    calls_ok: AtomicU64,
+    calls_failed: AtomicU64,
+    calls_timed_out: AtomicU64,
+    /// Total time of answered calls, in µs.
+    call_micros: AtomicU64,
+    breaker_opened: AtomicU64,
+    breaker_closed: AtomicU64,
+    tokens_granted: AtomicU64,
+    tokens_restamped: AtomicU64,
+    tokens_released: AtomicU64,
+    /// Requests decided by the local share because Redis did not answer.
+    decided_locally: AtomicU64,
+}
+
+/// The shared budget's counters and mode, as a metrics scrape reads them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Figures {
+    pub shared: bool,
+    pub calls_ok: u64,
+    pub calls_failed: u64,
+    pub calls_timed_out: u64,
+    pub call_seconds: f64,
+    pub breaker_opened: u64,
+    pub breaker_closed: u64,
+    pub tokens_granted: u64,
+    pub tokens_restamped: u64,
+    pub tokens_released: u64,
+    pub decided_locally: u64,
+}
+
+/// The budget shared by every replica through Redis.
+#[derive(Debug, Clone)]
+pub struct SharedBudget {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    link: Link,
+    layout: Layout,
+    policy: ArcSwap<Policy>,
+    /// The local share, used while Redis does not answer.
+    fallback: LocalBudget,
+    replicas: u32,
+    breaker: Mutex<Breaker>,
+    /// Mirrors the breaker, read on every request without its lock.
+    open: AtomicBool,
+    lanes: DashMap<Key, Arc<Lane>, foldhash::fast::RandomState>,
+    /// Names this replica's stamps in the logs.
+    replica: String,
+    seq: AtomicU64,
+    stats: Stats,
+}
+
+/// One key's queue of acquires for Redis.
+#[derive(Debug, Default)]
+struct Lane {
+    state: Mutex<LaneState>,
+}
+
+#[derive(Debug, Default)]
+struct LaneState {
+    /// A call for this key is in flight (its task serves everyone waiting).
+    busy: bool,
+    waiting: Vec<Waiter>,
+    /// No token before this, as Redis last said (a refusal or a pause).
+    dry_until: Option<Instant>,
+    /// The key's standing after its last grant, for `peek`.
+    last: Option<(Instant, RateState)>,
+    used: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    max_wait: Duration,
+    reply: oneshot::Sender<Result<Reply, LinkError>>,
+}
+
+/// Redis's answer for one token, with both clocks at the moment it came back.
+#[derive(Debug)]
+struct Reply {
+    redis_now: Micros,
+    local_now: Instant,
+    ask: Ask,
+    answer: Answer,
+}
+
+// === impl SharedBudget ===
+
+impl SharedBudget {
+    /// A shared budget on `store` under `policy`, not yet connected: the first calls connect,
+    /// and requests are served on the local share until Redis answers.
+    pub fn new(cfg: &ClusterConfig, store: &RedisStore, policy: Policy) -> Result<Self, LinkError> {
+        let replicas = cfg.expected_replicas.get();
+        let inner = Arc::new(Inner {
+            link: Link::new(cfg, store)?,
+            layout: Layout::new(&cfg.namespace, policy.global.is_some()),
+            fallback: LocalBudget::new(share(&policy, replicas)),
+            policy: ArcSwap::from_pointee(policy),
+            replicas,
+            breaker: Mutex::new(Breaker::new()),
+            open: AtomicBool::new(false),
+            lanes: DashMap::default(),
+            replica: replica_id(),
+            seq: AtomicU64::new(0),
+            stats: Stats::default(),
+        });
+        spawn_upkeep(Arc::downgrade(&inner));
+        Ok(Self { inner })
+    }
+
+    /// Which budget is in force now.
+    pub fn mode(&self) -> Mode {
+        self.inner.mode()
+    }
+
+    /// The counters, as metrics show them.
+    pub fn figures(&self) -> Figures {
+        let s = &self.inner.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Figures {
+            shared: self.mode() == Mode::Shared,
+            calls_ok: get(&s.calls_ok),
+            calls_failed: get(&s.calls_failed),
+            calls_timed_out: get(&s.calls_timed_out),
+            call_seconds: get(&s.call_micros) as f64 / 1e6,
+            breaker_opened: get(&s.breaker_opened),
+            breaker_closed: get(&s.breaker_closed),
+            tokens_granted: get(&s.tokens_granted),
+            tokens_restamped: get(&s.tokens_restamped),
+            tokens_released: get(&s.tokens_released),
+            decided_locally: get(&s.decided_locally),
+        }
+    }
+
+    /// Asks Redis once (loading the script): `Ok` with Redis's clock, for `check`.
+    pub async fn probe(&self) -> Result<(), LinkError> {
+        let inv = script::ping(&self.inner.layout, &self.inner.replica);
+        self.inner.link.invoke(&inv).await.map(drop)
+    }
+}
+
+impl Budget for SharedBudget {
+    fn acquire(
+        &self,
+        key: Key,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Pending<'_, Result<Grant, Refusal>> {
+        if self.inner.open.load(Ordering::Relaxed) {
+            return Pending::ready(self.inner.local_acquire(key, now, max_wait));
+        }
+        let inner = self.inner.clone();
+        Pending::later(async move { inner.acquire(key, now, max_wait).await })
+    }
+
+    fn resume<'a>(
+        &'a self,
+        grant: &'a mut Grant,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Pending<'a, Result<(), Refusal>> {
+        if !grant.shared {
+            return self.inner.fallback.resume(grant, now, max_wait);
+        }
+        Pending::later(self.inner.resume(grant, max_wait))
+    }
+
+    fn confirm<'a>(
+        &'a self,
+        grant: &'a mut Grant,
+        now: Instant,
+    ) -> Pending<'a, Result<(), Refusal>> {
+        if !grant.shared {
+            return self.inner.fallback.confirm(grant, now);
+        }
+        let tolerance = self.inner.policy.load().tolerance;
+        if now.saturating_duration_since(grant.at) <= tolerance {
+            return Pending::ready(Ok(()));
+        }
+        Pending::later(self.inner.confirm(grant))
+    }
+
+    fn release(&self, grant: &Grant) {
+        if !grant.shared {
+            return self.inner.fallback.release(grant);
+        }
+        let stamps: Vec<(Key, Micros, u64)> = (grant.stamps.iter().flatten())
+            .map(|s| (s.key, (s.at / 1000) as Micros, s.at % 1000))
+            .collect();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let inv = script::release(&inner.layout, &inner.replica, &stamps);
+            if inner.call(&inv).await.is_ok() {
+                inner
+                    .stats
+                    .tokens_released
+                    .fetch_add(stamps.len() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+
+    fn pause(&self, key: Key, now: Instant, wait: Duration) -> bool {
+        let lane = self.inner.lane(key);
+        {
+            let mut state = lock(&lane.state);
+            let until = now + wait;
+            state.dry_until = Some(state.dry_until.map_or(until, |d| d.max(until)));
+        }
+        let first = self.inner.fallback.pause(key, now, wait);
+        if !self.inner.open.load(Ordering::Relaxed) {
+            let inner = self.inner.clone();
+            let window = micros(window_of(&inner.policy.load().default));
+            tokio::spawn(async move {
+                let inv = script::pause(&inner.layout, &inner.replica, key, micros(wait), window);
+                let _ = inner.call(&inv).await;
+            });
+        }
+        first
+    }
+
+    fn peek(&self, key: Key, now: Instant) -> RateState {
+        if self.inner.open.load(Ordering::Relaxed) {
+            return self.inner.fallback.peek(key, now);
+        }
+        let quota = self.inner.policy.load().quota_for(key);
+        let fresh =
+            |(at, _): &(Instant, RateState)| now.saturating_duration_since(*at) < window_of(&quota);
+        let last = self
+            .inner
+            .lanes
+            .get(&key)
+            .and_then(|lane| lock(&lane.state).last.filter(fresh));
+        last.map_or(
+            RateState {
+                limit: quota.capacity,
+                remaining: quota.capacity,
+                reset_after: Duration::ZERO,
+            },
+            |(_, rate)| rate,
+        )
+    }
+
+    fn set_policy(&self, policy: Policy) {
+        self.inner
+            .fallback
+            .set_policy(share(&policy, self.inner.replicas));
+        self.inner.policy.store(Arc::new(policy));
+    }
+
+    fn tracked_keys(&self) -> usize {
+        self.inner
+            .lanes
+            .len()
+            .max(self.inner.fallback.tracked_keys())
+    }
+
+    fn shared(&self) -> Option<&SharedBudget> {
+        Some(self)
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn mode(&self) -> Mode {
+        match self.open.load(Ordering::Relaxed) {
+            true => Mode::Local,
+            false => Mode::Shared,
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lane(&self, key: Key) -> Arc<Lane> {
+        if let Some(lane) = self.lanes.get(&key) {
+            return lane.clone();
+        }
+        self.lanes.entry(key).or_default().clone()
+    }
+
+    /// One call, counted, with the breaker told how it went.
+    async fn call(&self, inv: &redis::ScriptInvocation<'_>) -> Result<redis::Value, LinkError> {
+        let started = Instant::now();
+        let answer = self.link.invoke(inv).await;
+        let now = Instant::now();
+        let transition = {
+            let mut breaker = lock(&self.breaker);
+            match &answer {
+                Ok(_) => {
+                    // Only the probe closes an open breaker (it syncs the local share first).
+                    if breaker.is_open() {
+                        Transition::None
+                    } else {
+                        breaker.success()
+                    }
+                }
+                Err(_) => breaker.failure(now),
+            }
+        };
+        match &answer {
+            Ok(_) => {
+                self.stats.calls_ok.fetch_add(1, Ordering::Relaxed);
+                let took = micros(now.saturating_duration_since(started));
+                self.stats
+                    .call_micros
+                    .fetch_add(took.max(0) as u64, Ordering::Relaxed);
+            }
+            Err(LinkError::Timeout(_)) => {
+                self.stats.calls_timed_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if transition == Transition::Opened {
+            self.open.store(true, Ordering::Relaxed);
+            self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = &answer {
+                tracing::warn!(
+                    %error,
+                    share = self.fallback.policy().default.capacity,
+                    "Redis does not answer: the budget is local (each replica keeps its share)"
+                );
+            }
+        }
+        answer
+    }
+
+    async fn acquire(
+        self: Arc<Self>,
+        key: Key,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<Grant, Refusal> {
+        let lane = self.lane(key);
+        let reply = {
+            let mut state = lock(&lane.state);
+            state.used = Some(now);
+            if let Some(dry) = state.dry_until
+                && dry > now + max_wait
+            {
+                let limit = self.policy.load().quota_for(key).capacity;
+                return Err(Refusal::new(Reason::KeyOverLimit, limit, limit, dry - now));
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiting.push(Waiter {
+                max_wait,
+                reply: tx,
+            });
+            if !std::mem::replace(&mut state.busy, true) {
+                tokio::spawn(drive(self.clone(), key, lane.clone()));
+            }
+            rx
+        };
+        match reply.await {
+            Ok(Ok(reply)) => self.grant_from(key, &lane, reply),
+            // Redis did not answer: the local share decides, without waiting any longer.
+            _ => self.local_acquire(key, Instant::now(), max_wait.saturating_sub(now.elapsed())),
+        }
+    }
+
+    /// Turns Redis's answer into a grant or a refusal, on the local clock.
+    fn grant_from(&self, key: Key, lane: &Lane, reply: Reply) -> Result<Grant, Refusal> {
+        let policy = self.policy.load();
+        let quota = policy.quota_for(key);
+        let to_local = |t: Micros| reply.local_now + from_micros(t - reply.redis_now);
+        let ahead = |t: Micros| t - reply.redis_now > SKEW;
+        match reply.answer {
+            Answer::Admitted {
+                at,
+                remaining,
+                next_free,
+                global,
+            } => {
+                let rate = RateState {
+                    limit: quota.capacity,
+                    remaining,
+                    reset_after: from_micros(next_free - at),
+                };
+                let mut grant = Grant {
+                    key,
+                    at: if ahead(at) {
+                        to_local(at)
+                    } else {
+                        reply.local_now
+                    },
+                    pending: false,
+                    queue_limit: quota.capacity,
+                    rate,
+                    stamps: [Some(stamp(key, quota, at, reply.ask.key_seq)), None],
+                    shared: true,
+                };
+                match (global, policy.global) {
+                    (Some(GlobalSlot::At(g)), Some(gq)) => {
+                        grant.stamps[1] = Some(stamp(Key::GLOBAL, gq, g, reply.ask.global_seq));
+                        if ahead(g) {
+                            grant.at = grant.at.max(to_local(g));
+                            grant.queue_limit = gq.capacity;
+                        }
+                    }
+                    (Some(GlobalSlot::AtTurn), Some(_)) => grant.pending = true,
+                    _ => {}
+                }
+                lock(&lane.state).last = Some((reply.local_now, rate));
+                self.stats.tokens_granted.fetch_add(1, Ordering::Relaxed);
+                Ok(grant)
+            }
+            Answer::KeyDenied {
+                next_free,
+                in_window,
+                paused,
+            } => {
+                let wait = from_micros(next_free - reply.redis_now);
+                let reason = if paused {
+                    Reason::Paused
+                } else {
+                    Reason::KeyOverLimit
+                };
+                Err(Refusal::new(reason, quota.capacity, in_window, wait))
+            }
+            Answer::GlobalDenied {
+                next_free,
+                in_window,
+            } => {
+                let limit = policy.global.map_or(quota.capacity, |g| g.capacity);
+                let wait = from_micros(next_free - reply.redis_now);
+                Err(Refusal::new(
+                    Reason::GlobalOverLimit,
+                    limit,
+                    in_window,
+                    wait,
+                ))
+            }
+        }
+    }
+
+    /// The local share's decision. While Redis has been failing for less than a window, it
+    /// admits nothing before that window is out (as if the key were paused until then).
+    fn local_acquire(&self, key: Key, now: Instant, max_wait: Duration) -> Result<Grant, Refusal> {
+        self.stats.decided_locally.fetch_add(1, Ordering::Relaxed);
+        let window = window_of(&self.policy.load().default);
+        let from = lock(&self.breaker).local_from(window);
+        if let Some(from) = from
+            && from > now
+        {
+            self.fallback.pause(key, now, from - now);
+            self.fallback.pause(Key::GLOBAL, now, from - now);
+        }
+        self.fallback.try_acquire(key, now, max_wait)
+    }
+
+    async fn resume(&self, grant: &mut Grant, max_wait: Duration) -> Result<(), Refusal> {
+        let policy = self.policy.load();
+        let global = policy.global.filter(|_| grant.pending);
+        let seq = self.next_seq();
+        let inv = script::resume(
+            &self.layout,
+            &self.replica,
+            grant.key,
+            global,
+            micros(max_wait),
+            seq,
+        );
+        let answer = self.call(&inv).await.and_then(script::resume_reply);
+        let local_now = Instant::now();
+        let limit = grant.rate.limit;
+        match answer {
+            Ok((_, Resumed::Paused)) => Err(Refusal::new(Reason::Paused, limit, 0, Duration::ZERO)),
+            Ok((redis_now, Resumed::Go(g))) => {
+                if let (Some(g), Some(gq)) = (g, global) {
+                    grant.pending = false;
+                    grant.stamps[1] = Some(stamp(Key::GLOBAL, gq, g, seq));
+                    if g - redis_now > SKEW {
+                        grant.at = local_now + from_micros(g - redis_now);
+                        grant.queue_limit = gq.capacity;
+                    } else {
+                        grant.at = local_now;
+                    }
+                }
+                grant.pending = false;
+                Ok(())
+            }
+            Ok((
+                _,
+                Resumed::GlobalDenied {
+                    next_free,
+                    in_window,
+                },
+            )) => {
+                let (limit, wait) = (global.map_or(limit, |g| g.capacity), from_micros(next_free));
+                Err(Refusal::new(
+                    Reason::GlobalOverLimit,
+                    limit,
+                    in_window,
+                    wait,
+                ))
+            }
+            // Without Redis the turn cannot be checked: queue again (then on the local share).
+            Err(_) => Err(Refusal::new(Reason::NoLongerFits, limit, 0, Duration::ZERO)),
+        }
+    }
+
+    async fn confirm(&self, grant: &mut Grant) -> Result<(), Refusal> {
+        let policy = self.policy.load();
+        let moves: Vec<Move> = (grant.stamps.iter().flatten())
+            .map(|s| Move {
+                key: s.key,
+                quota: match s.key {
+                    Key::GLOBAL => policy.global.unwrap_or(s.quota),
+                    key => policy.quota_for(key),
+                },
+                at: (s.at / 1000) as Micros,
+                seq: s.at % 1000,
+                new_seq: self.next_seq(),
+            })
+            .collect();
+        let inv = script::confirm(&self.layout, &self.replica, &moves);
+        let limit = grant.rate.limit;
+        let refused = |reason| Refusal::new(reason, limit, 0, Duration::ZERO);
+        match self.call(&inv).await.and_then(script::confirm_reply) {
+            Ok(Confirmed::Moved(now)) => {
+                for (slot, m) in grant.stamps.iter_mut().flatten().zip(&moves) {
+                    *slot = stamp(m.key, m.quota, now, m.new_seq);
+                }
+                self.stats
+                    .tokens_restamped
+                    .fetch_add(moves.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Confirmed::Paused) => Err(refused(Reason::Paused)),
+            Ok(Confirmed::NoLongerFits) | Err(_) => Err(refused(Reason::NoLongerFits)),
+        }
+    }
+
+    /// While the breaker is open: asks Redis; once it answers, writes the local share's recent
+    /// admissions into it, then closes the breaker.
+    async fn probe(&self) {
+        let inv = script::ping(&self.layout, &self.replica);
+        if self.link.invoke(&inv).await.is_err() {
+            return;
+        }
+        let now = Instant::now();
+        let window = window_of(&self.policy.load().default);
+        for (key, ages) in self.fallback.recent(now) {
+            let stamps: Vec<(Micros, u64)> = ages
+                .iter()
+                .map(|age| (micros(*age), self.next_seq()))
+                .collect();
+            for chunk in stamps.chunks(256) {
+                let inv = script::record(&self.layout, &self.replica, key, micros(window), chunk);
+                if self.link.invoke(&inv).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let closed = lock(&self.breaker).success();
+        if closed == Transition::Closed {
+            self.open.store(false, Ordering::Relaxed);
+            self.stats.breaker_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("Redis answers again: the budget is shared");
+        }
+    }
+}
+
+/// Serves a lane: takes everyone waiting, charges them in one call, hands out the answers, and
+/// again until no one waits.
+async fn drive(inner: Arc<Inner>, key: Key, lane: Arc<Lane>) {
+    loop {
+        let batch: Vec<Waiter> = {
+            let mut state = lock(&lane.state);
+            if state.waiting.is_empty() {
+                state.busy = false;
+                return;
+            }
+            let n = state.waiting.len().min(MAX_BATCH);
+            state.waiting.drain(..n).collect()
+        };
+        let policy = inner.policy.load();
+        let asks: Vec<Ask> = (batch.iter())
+            .map(|w| Ask {
+                max_wait: micros(w.max_wait),
+                key_seq: inner.next_seq(),
+                global_seq: inner.next_seq(),
+            })
+            .collect();
+        let inv = script::acquire(
+            &inner.layout,
+            &inner.replica,
+            key,
+            policy.quota_for(key),
+            policy.global,
+            &asks,
+        );
+        let answer = inner.call(&inv).await.and_then(script::acquire_reply);
+        let local_now = Instant::now();
+        match answer {
+            Ok((redis_now, answers)) if answers.len() == batch.len() => {
+                let mut dry = None;
+                for ((waiter, ask), answer) in batch.into_iter().zip(asks).zip(answers) {
+                    if let Answer::KeyDenied { next_free, .. } = answer {
+                        dry = Some(local_now + from_micros(next_free - redis_now));
+                    }
+                    let _ = waiter.reply.send(Ok(Reply {
+                        redis_now,
+                        local_now,
+                        ask,
+                        answer,
+                    }));
+                }
+                if let Some(dry) = dry {
+                    let mut state = lock(&lane.state);
+                    state.dry_until = Some(state.dry_until.map_or(dry, |d| d.max(dry)));
+                }
+            }
+            other => {
+                let error = match other {
+                    Err(error) => error,
+                    Ok(_) => LinkError::Reply("one answer per token expected".into()),
+                };
+                for waiter in batch {
+                    let _ = waiter.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Probes an open breaker and drops idle lanes, until the budget is dropped.
+fn spawn_upkeep(inner: Weak<Inner>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let now = tick.tick().await;
+            let Some(inner) = inner.upgrade() else { break };
+            if inner.open.load(Ordering::Relaxed) {
+                inner.probe().await;
+            }
+            let window = window_of(&inner.policy.load().default);
+            inner.lanes.retain(|_, lane| {
+                let state = lock(&lane.state);
+                state.busy
+                    || state
+                        .used
+                        .is_some_and(|t| now.saturating_duration_since(t) < 2 * window)
+                    || state.dry_until.is_some_and(|d| d > now)
+            });
+            inner.fallback.sweep(now);
+        }
+    });
+}
+
+/// The local share of `policy`: each limit divided by the replicas expected, at least 1.
+fn share(policy: &Policy, replicas: u32) -> Policy {
+    let part = |q: Quota| Quota {
+        capacity: (q.capacity / replicas.max(1)).max(1),
+        ..q
+    };
+    Policy {
+        default: part(policy.default),
+        overrides: policy
+            .overrides
+            .iter()
+            .map(|(k, q)| (*k, part(*q)))
+            .collect(),
+        global: policy.global.map(part),
+        ..policy.clone()
+    }
+}
+
+/// A stamp of the shared budget: Redis microseconds, with the member's sequence number in the
+/// last three decimal digits of its nanoseconds.
+fn stamp(key: Key, quota: Quota, at: Micros, seq: u64) -> Stamp {
+    Stamp {
+        key,
+        quota,
+        at: (at.max(0) as Nanos) * 1000 + seq % 1000,
+    }
+}
+
+fn window_of(quota: &Quota) -> Duration {
+    Duration::from_nanos(quota.window)
+}
+
+fn micros(d: Duration) -> Micros {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn from_micros(us: Micros) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
+}
+
+/// A random name for this replica's stamps.
+fn replica_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
