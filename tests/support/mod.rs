@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod redis;
+
 /// A running proxy. Dropping it shuts the server down.
 pub struct Running {
     pub addr: SocketAddr,
