@@ -42,6 +42,11 @@ impl Breaker {
         self.open
     }
 
+    /// The last call failed (the breaker may not be open yet).
+    pub(super) fn is_failing(&self) -> bool {
+        self.streak_since.is_some()
+    }
+
     /// A call answered.
     pub(super) fn success(&mut self) -> Transition {
         self.failures = 0;

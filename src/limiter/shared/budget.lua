@@ -234,14 +234,20 @@ if op == 'pause' then
 end
 
 -- record: KEYS log; ARGV op, replica, win, then pairs of (ago us, seq): admissions this replica
--- made on its own while Redis was away, added so the shared log counts them.
+-- made on its own while Redis was away (negative ago: queued), added so the shared log counts
+-- them.
 if op == 'record' then
   local win = tonumber(ARGV[3])
+  local last = now
   for i = 4, #ARGV - 1, 2 do
     local at = now - tonumber(ARGV[i])
-    if at + win > now then redis.call('ZADD', KEYS[1], int(at), member(at, ARGV[i + 1], replica)) end
+    if at + win > now then
+      redis.call('ZADD', KEYS[1], int(at), member(at, ARGV[i + 1], replica))
+      if at > last then last = at end
+    end
   end
-  redis.call('PEXPIRE', KEYS[1], int(math.floor(win / 1000) + 1000))
+  local ttl = math.floor((last - now + win) / 1000) + 1000
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], int(ttl)) end
   return { now }
 end
 

@@ -115,8 +115,12 @@ struct Inner {
     fallback: LocalBudget,
     replicas: u32,
     breaker: Mutex<Breaker>,
+    /// Redis answers again: the budget turns shared at this time (see `probe`).
+    returning_until: Mutex<Option<Instant>>,
     /// Mirrors the breaker, read on every request without its lock.
     open: AtomicBool,
+    /// Redis has answered at least once.
+    proven: AtomicBool,
     lanes: DashMap<Key, Arc<Lane>, foldhash::fast::RandomState>,
     /// Names this replica's stamps in the logs.
     replica: String,
@@ -171,7 +175,9 @@ impl SharedBudget {
             policy: ArcSwap::from_pointee(policy),
             replicas,
             breaker: Mutex::new(Breaker::new()),
+            returning_until: Mutex::new(None),
             open: AtomicBool::new(false),
+            proven: AtomicBool::new(false),
             lanes: DashMap::default(),
             replica: replica_id(),
             seq: AtomicU64::new(0),
@@ -335,10 +341,12 @@ impl Budget for SharedBudget {
 // === impl Inner ===
 
 impl Inner {
+    /// Local while the breaker is open, and while Redis's last answer was a failure.
     fn mode(&self) -> Mode {
-        match self.open.load(Ordering::Relaxed) {
-            true => Mode::Local,
-            false => Mode::Shared,
+        if self.open.load(Ordering::Relaxed) || lock(&self.breaker).is_failing() {
+            Mode::Local
+        } else {
+            Mode::Shared
         }
     }
 
@@ -511,7 +519,12 @@ impl Inner {
 
     /// The local share's decision. While Redis has been failing for less than a window, it
     /// admits nothing before that window is out (as if the key were paused until then).
-    fn local_acquire(&self, key: Key, now: Instant, max_wait: Duration) -> Result<Grant, Refusal> {
+    fn local_acquire(
+        self: &Arc<Self>,
+        key: Key,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<Grant, Refusal> {
         self.stats.decided_locally.fetch_add(1, Ordering::Relaxed);
         let window = window_of(&self.policy.load().default);
         let from = lock(&self.breaker).local_from(window);
@@ -521,7 +534,9 @@ impl Inner {
             self.fallback.pause(key, now, from - now);
             self.fallback.pause(Key::GLOBAL, now, from - now);
         }
-        self.fallback.try_acquire(key, now, max_wait)
+        let grant = self.fallback.try_acquire(key, now, max_wait)?;
+        self.record_returning(&grant, now);
+        Ok(grant)
     }
 
     async fn resume(&self, grant: &mut Grant, max_wait: Duration) -> Result<(), Refusal> {
@@ -607,14 +622,45 @@ impl Inner {
         }
     }
 
-    /// While the breaker is open: asks Redis; once it answers, writes the local share's recent
-    /// admissions into it, then closes the breaker.
+    /// While the breaker is open: asks Redis. Once it answers, the local share's admissions of
+    /// the last window are written into Redis and, for one more window, each new one as it is
+    /// made, so that when the budget is shared again (the breaker closes after that window)
+    /// Redis counts everything this replica sent; the other replicas do the same as they find
+    /// Redis back. If Redis fails again meanwhile, the return starts over.
     async fn probe(&self) {
+        let now = Instant::now();
+        let returning = *lock(&self.returning_until);
         let inv = script::ping(&self.layout, &self.replica);
         if self.link.invoke(&inv).await.is_err() {
+            *lock(&self.returning_until) = None;
             return;
         }
-        let now = Instant::now();
+        match returning {
+            Some(until) if now >= until => self.close(),
+            Some(_) => {}
+            // Nothing sent on the local share lately: nothing for Redis to learn.
+            None if self.fallback.recent(now).is_empty() => self.close(),
+            None => {
+                if self.sync(now).await {
+                    let window = window_of(&self.policy.load().default);
+                    *lock(&self.returning_until) = Some(now + window);
+                }
+            }
+        }
+    }
+
+    fn close(&self) {
+        *lock(&self.returning_until) = None;
+        let closed = lock(&self.breaker).success();
+        if closed == Transition::Closed {
+            self.open.store(false, Ordering::Relaxed);
+            self.stats.breaker_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("Redis answers again: the budget is shared");
+        }
+    }
+
+    /// Writes the local share's admissions of the last window into Redis.
+    async fn sync(&self, now: Instant) -> bool {
         let window = window_of(&self.policy.load().default);
         for (key, ages) in self.fallback.recent(now) {
             let stamps: Vec<(Micros, u64)> = ages
@@ -624,16 +670,35 @@ impl Inner {
             for chunk in stamps.chunks(256) {
                 let inv = script::record(&self.layout, &self.replica, key, micros(window), chunk);
                 if self.link.invoke(&inv).await.is_err() {
-                    return;
+                    return false;
                 }
             }
         }
-        let closed = lock(&self.breaker).success();
-        if closed == Transition::Closed {
-            self.open.store(false, Ordering::Relaxed);
-            self.stats.breaker_closed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("Redis answers again: the budget is shared");
+        true
+    }
+
+    /// While returning to Redis: writes a local admission into it as well.
+    fn record_returning(self: &Arc<Self>, grant: &Grant, now: Instant) {
+        if lock(&self.returning_until).is_none() {
+            return;
         }
+        let window = micros(window_of(&self.policy.load().default));
+        let ago = micros(now.saturating_duration_since(grant.at))
+            - micros(grant.at.saturating_duration_since(now));
+        let keys: Vec<Key> = grant.stamps.iter().flatten().map(|s| s.key).collect();
+        let inner = self.clone();
+        tokio::spawn(async move {
+            for key in keys {
+                let inv = script::record(
+                    &inner.layout,
+                    &inner.replica,
+                    key,
+                    window,
+                    &[(ago, inner.next_seq())],
+                );
+                let _ = inner.link.invoke(&inv).await;
+            }
+        });
     }
 }
 
@@ -710,6 +775,13 @@ fn spawn_upkeep(inner: Weak<Inner>) {
             let Some(inner) = inner.upgrade() else { break };
             if inner.open.load(Ordering::Relaxed) {
                 inner.probe().await;
+            } else if !inner.proven.load(Ordering::Relaxed) || lock(&inner.breaker).is_failing() {
+                // At start, and after a failure: ask Redis even without traffic, so the mode
+                // shown is true and a Redis that stays away opens the breaker.
+                let inv = script::ping(&inner.layout, &inner.replica);
+                if inner.call(&inv).await.is_ok() {
+                    inner.proven.store(true, Ordering::Relaxed);
+                }
             }
             let window = window_of(&inner.policy.load().default);
             inner.lanes.retain(|_, lane| {

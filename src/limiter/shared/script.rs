@@ -296,7 +296,8 @@ pub(super) fn pause<'a>(
     inv
 }
 
-/// Adds admissions made `ago` µs before Redis's now (with their sequence numbers) to `key`'s log.
+/// Adds admissions made `ago` µs before Redis's now (negative: queued for later), with their
+/// sequence numbers, to `key`'s log.
 pub(super) fn record<'a>(
     layout: &Layout,
     replica: &str,
@@ -308,7 +309,7 @@ pub(super) fn record<'a>(
     inv.key(layout.names(key)[0].clone());
     inv.arg("record").arg(replica).arg(window);
     for (ago, seq) in stamps {
-        inv.arg(ago.max(&0)).arg(seq % 1000);
+        inv.arg(*ago).arg(seq % 1000);
     }
     inv
 }
