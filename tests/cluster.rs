@@ -4,8 +4,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::redis::RedisServer;
@@ -13,17 +11,19 @@ use support::*;
 use tmdb_proxy::sim::{Sim, max_in_window};
 use tokio::time::Instant;
 
-/// `n` proxies on one Redis, in front of `sim`, with `toml` added to their configuration.
+/// `n` proxies on one Redis, in front of `sim`: `cluster` is added to their `[cluster]`
+/// section, `toml` after it.
 async fn replicas(
     n: usize,
     redis: &RedisServer,
-    sim: &tmdb_proxy::sim::Sim,
+    sim: &Sim,
+    cluster: &str,
     toml: &str,
 ) -> Vec<Running> {
     let mut proxies = Vec::new();
     for _ in 0..n {
         let text = format!(
-            "[cluster]\nredis_url = \"{}\"\nnamespace = \"t\"\n{toml}",
+            "[cluster]\nredis_url = \"{}\"\nnamespace = \"t\"\n{cluster}\n{toml}",
             redis.url()
         );
         proxies.push(spawn_proxy(&text, &sim.url()).await);
@@ -31,43 +31,62 @@ async fn replicas(
     proxies
 }
 
-/// Pushes `path` through every proxy with `per_proxy` clients each for `run`; counts answers by
-/// status.
-async fn push(
+/// What clients pushing through the proxies got.
+#[derive(Debug, Default)]
+struct Load {
+    /// Answers by status.
+    answers: HashMap<u16, usize>,
+    /// The longest any request took.
+    slowest: Duration,
+}
+
+/// Pushes `paths` through every proxy with `per_proxy` clients each for `run`.
+fn push(
     proxies: &[Running],
     paths: &[&str],
     per_proxy: usize,
     run: Duration,
-) -> HashMap<u16, usize> {
-    let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..600).map(|_| AtomicUsize::new(0)).collect());
+) -> tokio::task::JoinHandle<Load> {
     let until = Instant::now() + run;
     let mut tasks = Vec::new();
     for proxy in proxies {
         for i in 0..per_proxy {
             let url = proxy.url(paths[i % paths.len()]);
-            let counts = counts.clone();
             tasks.push(tokio::spawn(async move {
-                let client = http1_client();
+                let (client, mut load) = (http1_client(), Load::default());
                 while Instant::now() < until {
+                    let sent = Instant::now();
                     let status = get(&client, &url).await.status.as_u16();
-                    counts[usize::from(status).min(599)].fetch_add(1, Ordering::Relaxed);
+                    load.slowest = load.slowest.max(sent.elapsed());
+                    *load.answers.entry(status).or_default() += 1;
                     if status != 200 {
                         // A refused client backs off a little, as real ones do.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
+                load
             }));
         }
     }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    (0..600)
-        .filter_map(|s| {
-            let n = counts[s].load(Ordering::Relaxed);
-            (n > 0).then_some((s as u16, n))
-        })
-        .collect()
+    tokio::spawn(async move {
+        let mut total = Load::default();
+        for task in tasks {
+            let load = task.await.unwrap();
+            total.slowest = total.slowest.max(load.slowest);
+            for (status, n) in load.answers {
+                *total.answers.entry(status).or_default() += n;
+            }
+        }
+        total
+    })
+}
+
+/// Waits (up to 10 s) until every proxy's readiness says `body`.
+async fn all_become(proxies: &[Running], body: &str) -> bool {
+    eventually(Duration::from_secs(10), || {
+        proxies.iter().all(|p| p.proxy.readiness().1 == body)
+    })
+    .await
 }
 
 fn arrivals_of(sim: &Sim, credential: &str) -> Vec<tokio::time::Instant> {
@@ -81,9 +100,12 @@ fn arrivals_of(sim: &Sim, credential: &str) -> Vec<tokio::time::Instant> {
 async fn three_proxies_on_one_redis_keep_one_keys_budget() {
     let redis = RedisServer::start();
     let sim = sim_on_own_thread(Sim::builder());
-    let proxies = replicas(3, &redis, &sim, "[limit]\nrequests_per_second = 20\n").await;
+    let proxies = replicas(3, &redis, &sim, "", "[limit]\nrequests_per_second = 20\n").await;
     let run = Duration::from_secs(3);
-    let answers = push(&proxies, &["/3/movie/1?api_key=SHARED"], 8, run).await;
+    let answers = push(&proxies, &["/3/movie/1?api_key=SHARED"], 8, run)
+        .await
+        .unwrap()
+        .answers;
     let times = arrivals_of(&sim, "SHARED");
     let worst = max_in_window(&times, Duration::from_secs(1));
     assert!(
@@ -113,9 +135,12 @@ async fn the_global_ceiling_holds_across_proxies_and_keys() {
     let sim = sim_on_own_thread(Sim::builder());
     let toml =
         "[limit]\nrequests_per_second = 20\nglobal_requests_per_second = 25\nmode = \"reject\"\n";
-    let proxies = replicas(3, &redis, &sim, toml).await;
+    let proxies = replicas(3, &redis, &sim, "", toml).await;
     let paths = ["/3/movie/1?api_key=KEY_A", "/3/movie/1?api_key=KEY_B"];
-    let answers = push(&proxies, &paths, 6, Duration::from_secs(3)).await;
+    let answers = push(&proxies, &paths, 6, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .answers;
     let all: Vec<_> = sim.arrivals().iter().map(|a| a.at).collect();
     let worst = max_in_window(&all, Duration::from_secs(1));
     assert!(
@@ -140,7 +165,7 @@ async fn an_upstream_429_through_one_proxy_pauses_the_key_on_the_others() {
         "/3/limited",
         tmdb_proxy::sim::Route::with_headers(429, &[("retry-after", "3")], r#"{"status_code":25}"#),
     ));
-    let proxies = replicas(3, &redis, &sim, "[limit]\nmode = \"reject\"\n").await;
+    let proxies = replicas(3, &redis, &sim, "", "[limit]\nmode = \"reject\"\n").await;
     let client = http1_client();
     let limited = get(&client, &proxies[0].url("/3/limited?api_key=PAUSED")).await;
     assert_eq!(limited.status, 429);
@@ -162,6 +187,110 @@ async fn an_upstream_429_through_one_proxy_pauses_the_key_on_the_others() {
     // Other keys are not paused.
     assert_eq!(
         get(&client, &proxies[1].url("/3/movie/1?api_key=FREE"))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_every_request_is_answered_and_the_shares_hold() {
+    let mut redis = RedisServer::start();
+    let sim = sim_on_own_thread(Sim::builder());
+    let limit = "[limit]\nrequests_per_second = 30\nmode = \"reject\"\n";
+    let proxies = replicas(3, &redis, &sim, "expected_replicas = 3", limit).await;
+    let load = push(
+        &proxies,
+        &["/3/movie/1?api_key=SHARED"],
+        4,
+        Duration::from_secs(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.kill();
+    assert!(all_become(&proxies, "ready\nbudget: local (Redis does not answer)\n").await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    assert!(all_become(&proxies, "ready\nbudget: shared\n").await);
+    let load = load.await.unwrap();
+    // Forwarded or refused with TMDB's 429, nothing else, and never slowed down by Redis.
+    assert!(
+        load.answers.keys().all(|s| [200, 429].contains(s)),
+        "{load:?}"
+    );
+    assert!(load.slowest < Duration::from_millis(300), "{load:?}");
+    // Through the outage and the return: never more than N in a second at the upstream.
+    let times = arrivals_of(&sim, "SHARED");
+    let worst = max_in_window(&times, Duration::from_secs(1));
+    assert!(worst <= 30, "{worst} arrivals in one second; {load:?}");
+    assert!(
+        load.answers.get(&200).copied().unwrap_or(0) >= 60,
+        "{load:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_opens_the_breaker_and_requests_stay_fast() {
+    let redis = RedisServer::start();
+    let sim = sim_on_own_thread(Sim::builder());
+    let proxies = replicas(1, &redis, &sim, "", "[limit]\nmode = \"reject\"\n").await;
+    let client = http1_client();
+    assert_eq!(
+        get(&client, &proxies[0].url("/3/movie/1?api_key=K"))
+            .await
+            .status,
+        200
+    );
+    // Every command, scripts included, waits for 2 s.
+    assert!(
+        redis
+            .command("CLIENT PAUSE 2000 ALL")
+            .unwrap()
+            .starts_with("+OK")
+    );
+    let load = push(
+        &proxies,
+        &["/3/movie/1?api_key=K"],
+        4,
+        Duration::from_millis(1500),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        proxies[0].proxy.readiness(),
+        (true, "ready\nbudget: local (Redis does not answer)\n")
+    );
+    let load = load.await.unwrap();
+    assert!(
+        load.answers.keys().all(|s| [200, 429].contains(s)),
+        "{load:?}"
+    );
+    assert!(load.slowest < Duration::from_millis(300), "{load:?}");
+    assert!(all_become(&proxies, "ready\nbudget: shared\n").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_started_without_redis_serves_its_share_then_joins() {
+    let port = support::redis::free_port();
+    let sim = sim_on_own_thread(Sim::builder());
+    let toml = format!(
+        "[cluster]\nredis_url = \"redis://127.0.0.1:{port}\"\nrequire_redis = true\n\
+         [limit]\nrequests_per_second = 10\n"
+    );
+    let proxy = spawn_proxy(&toml, &sim.url()).await;
+    let client = http1_client();
+    // Served on the local share (after waiting out one window, in queue mode).
+    assert_eq!(
+        get(&client, &proxy.url("/3/movie/1?api_key=K"))
+            .await
+            .status,
+        200
+    );
+    let local = "not ready\nbudget: local (Redis does not answer; cluster.require_redis is on)\n";
+    assert_eq!(proxy.proxy.readiness(), (false, local));
+    let _redis = RedisServer::start_on(port, &[]);
+    let proxies = [proxy];
+    assert!(all_become(&proxies, "ready\nbudget: shared\n").await);
+    assert_eq!(
+        get(&client, &proxies[0].url("/3/movie/1?api_key=K"))
             .await
             .status,
         200

@@ -28,7 +28,11 @@ impl RedisServer {
 
     /// As [`RedisServer::start`], with extra server arguments (`--cluster-enabled yes`, ...).
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts it on `port`.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let dir =
             std::env::temp_dir().join(format!("tmdb-proxy-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
