@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
 use support::*;
 use tmdb_proxy::sim::{Sim, max_in_window};
 use tokio::time::Instant;
@@ -295,4 +295,54 @@ async fn a_proxy_started_without_redis_serves_its_share_then_joins() {
             .status,
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_window_holds_across_three_proxies() {
+    let cluster = RedisCluster::start();
+    let sim = sim_on_own_thread(Sim::builder());
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let toml = format!(
+        "[cluster]\ncluster_nodes = [{}]\n[limit]\nrequests_per_second = 20\n",
+        nodes.join(", ")
+    );
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(spawn_proxy(&toml, &sim.url()).await);
+    }
+    assert!(all_become(&proxies, "ready\nbudget: shared\n").await);
+    // Keys whose hash tags land on different nodes.
+    let paths = [
+        "/3/movie/1?api_key=KEY_1",
+        "/3/movie/1?api_key=KEY_2",
+        "/3/movie/1?api_key=KEY_3",
+    ];
+    let load = push(&proxies, &paths, 6, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(
+        load.answers.keys().all(|s| [200, 429].contains(s)),
+        "{load:?}"
+    );
+    for key in ["KEY_1", "KEY_2", "KEY_3"] {
+        let times = arrivals_of(&sim, key);
+        let worst = max_in_window(&times, Duration::from_secs(1));
+        assert!(worst <= 20, "{key}: {worst} in one second; {load:?}");
+        assert!(
+            times.len() >= 40,
+            "{key}: {} admitted in 3 s; {load:?}",
+            times.len()
+        );
+    }
+    // The budget really lived in the cluster: its nodes hold the keys' logs between them.
+    let held: usize = (cluster.nodes.iter())
+        .map(|n| {
+            n.command_text("DBSIZE")
+                .trim_start_matches(':')
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(held >= 3, "{held} keys in the cluster");
 }

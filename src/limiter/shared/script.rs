@@ -195,8 +195,11 @@ pub(super) fn resume<'a>(
     let mut inv = SCRIPT.prepare_invoke();
     let [log, st] = layout.names(key);
     inv.key(log).key(st);
-    let [glog, gst] = layout.names(Key::GLOBAL);
-    inv.key(glog).key(gst);
+    // The ceiling's keys only when it is charged: on Redis Cluster they may be in another slot.
+    if global.is_some() {
+        let [glog, gst] = layout.names(Key::GLOBAL);
+        inv.key(glog).key(gst);
+    }
     inv.arg("resume").arg(replica);
     match global {
         Some(g) => quota_args(&mut inv, g),
