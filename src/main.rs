@@ -50,6 +50,7 @@ fn main() -> ExitCode {
     if let Some(Command::Check) = args.command {
         eprintln!("tmdb-proxy: {} is valid", args.config.display());
         eprintln!("{cfg:#?}");
+        check_redis(&cfg);
         return ExitCode::SUCCESS;
     }
     telemetry::init(&cfg.log.level, cfg.log.level_from, cfg.log.format);
@@ -130,6 +131,35 @@ async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
     }
     tracing::info!("tmdb-proxy stopped");
     ExitCode::SUCCESS
+}
+
+/// With `[cluster]` on, reports whether Redis answers, accepts the credentials and runs the
+/// budget script. A Redis that does not answer is a warning, not an error: the proxy then
+/// serves on its local share.
+fn check_redis(cfg: &Config) {
+    let Some(store) = &cfg.cluster.store else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let Ok(runtime) = runtime else {
+        eprintln!("tmdb-proxy: cannot start a runtime to check Redis");
+        return;
+    };
+    let within = std::time::Duration::from_secs(3);
+    match runtime.block_on(tmdb_proxy::limiter::shared::check(
+        &cfg.cluster,
+        store,
+        within,
+    )) {
+        Ok(()) => eprintln!(
+            "tmdb-proxy: Redis ({store:?}) answered, accepted the credentials and runs the budget script"
+        ),
+        Err(error) => eprintln!(
+            "tmdb-proxy: warning: Redis ({store:?}) cannot be used now ({error}); the proxy would serve on its local share"
+        ),
+    }
 }
 
 /// Raises the open-files limit to its hard maximum, and warns if the configured connection caps

@@ -346,3 +346,33 @@ async fn on_a_redis_cluster_the_window_holds_across_three_proxies() {
         .sum();
     assert!(held >= 3, "{held} keys in the cluster");
 }
+
+/// `tmdb-proxy check` with `url` as the Redis URL: its whole output.
+fn check_with_redis(url: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))
+        .args(["--config", "config/tmdb-proxy.toml", "check"])
+        .env("TMDB_PROXY__CLUSTER__REDIS_URL", url)
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_whether_redis_takes_the_password_and_never_prints_it() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret-pass"]);
+    let good = check_with_redis(&format!("redis://:s3cret-pass@127.0.0.1:{}", redis.port));
+    assert!(
+        good.contains("accepted the credentials and runs the budget script"),
+        "{good}"
+    );
+    let bad = check_with_redis(&format!("redis://:wrong-pass@127.0.0.1:{}", redis.port));
+    assert!(bad.contains("warning: Redis"), "{bad}");
+    for output in [&good, &bad] {
+        assert!(
+            !output.contains("s3cret") && !output.contains("wrong-pass"),
+            "{output}"
+        );
+        assert!(output.contains("redis://<redacted>@127.0.0.1"), "{output}");
+    }
+}

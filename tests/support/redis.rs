@@ -121,7 +121,7 @@ impl RedisServer {
         for _ in 0..200 {
             if self
                 .command("PING")
-                .is_ok_and(|reply| reply.starts_with("+PONG"))
+                .is_ok_and(|reply| reply.starts_with("+PONG") || reply.starts_with("-NOAUTH"))
             {
                 return;
             }

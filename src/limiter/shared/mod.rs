@@ -210,12 +210,30 @@ impl SharedBudget {
             decided_locally: get(&s.decided_locally),
         }
     }
+}
 
-    /// Asks Redis once (loading the script): `Ok` with Redis's clock, for `check`.
-    pub async fn probe(&self) -> Result<(), LinkError> {
-        let inv = script::ping(&self.inner.layout, &self.inner.replica);
-        self.inner.link.invoke(&inv).await.map(drop)
+/// For `tmdb-proxy check`: connects to `store` (authenticating as its URL says) and runs the
+/// budget script once (loading it), waiting up to `within`.
+pub async fn check(
+    cfg: &ClusterConfig,
+    store: &RedisStore,
+    within: Duration,
+) -> Result<(), LinkError> {
+    let cfg = ClusterConfig {
+        call_timeout: within,
+        ..cfg.clone()
+    };
+    let link = Link::new(&cfg, store)?;
+    let layout = Layout::new(&cfg.namespace, false);
+    let inv = script::ping(&layout, "check");
+    let mut answer = link.invoke(&inv).await;
+    // A cluster connection is made in the background on first use.
+    let deadline = Instant::now() + within;
+    while matches!(answer, Err(LinkError::NotConnected)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        answer = link.invoke(&inv).await;
     }
+    answer.map(drop)
 }
 
 impl Budget for SharedBudget {
