@@ -842,7 +842,7 @@ impl Config {
 
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let keys = validate_keys(raw.keys)?;
-        Ok(Self {
+        let cfg = Self {
             server: validate_server(raw.server)?,
             upstream: validate_upstream(raw.upstream)?,
             limit: validate_limit(raw.limit, &keys)?,
@@ -857,7 +857,20 @@ impl Config {
                 append_to_response: raw.quota_savers.append_to_response,
             },
             cluster: validate_cluster(raw.cluster)?,
-        })
+        };
+        // A token's stamp is taken in Redis during the call; the request leaves after the reply.
+        // The window's margin must cover that way back as well as the departure tolerance.
+        let most = cfg.limit.window_margin / 2;
+        if cfg.cluster.store.is_some() && cfg.cluster.call_timeout > most {
+            return Err(invalid(
+                "cluster.call_timeout",
+                format!(
+                    "must be at most half of limit.window_margin ({most:?}), or a slow reply could \
+                     let a request reach the upstream outside its window"
+                ),
+            ));
+        }
+        Ok(cfg)
     }
 }
 
@@ -1475,6 +1488,10 @@ mod tests {
             ("expected_replicas = 0", "cluster.expected_replicas"),
             ("call_timeout = \"0s\"", "cluster.call_timeout"),
             ("call_timeout = \"5s\"", "cluster.call_timeout"),
+            (
+                "redis_url = \"redis://h\"\ncall_timeout = \"40ms\"",
+                "cluster.call_timeout",
+            ),
         ] {
             let error = Config::from_toml_str(&format!("[cluster]\n{toml}\n")).unwrap_err();
             let text = error.to_string();

@@ -152,11 +152,15 @@ struct Waiter {
     reply: oneshot::Sender<Result<Reply, LinkError>>,
 }
 
-/// Redis's answer for one token, with both clocks at the moment it came back.
+/// Redis's answer for one token, with both clocks at the moment it came back, and when the
+/// call was sent.
 #[derive(Debug)]
 struct Reply {
     redis_now: Micros,
     local_now: Instant,
+    /// Redis stamped the token no earlier than this: a grant due at once counts its departure
+    /// from here, so the tolerance covers the call's way there and back too.
+    sent: Instant,
     ask: Ask,
     answer: Answer,
 }
@@ -480,11 +484,7 @@ impl Inner {
                 };
                 let mut grant = Grant {
                     key,
-                    at: if ahead(at) {
-                        to_local(at)
-                    } else {
-                        reply.local_now
-                    },
+                    at: if ahead(at) { to_local(at) } else { reply.sent },
                     pending: false,
                     queue_limit: quota.capacity,
                     rate,
@@ -569,6 +569,7 @@ impl Inner {
             micros(max_wait),
             seq,
         );
+        let sent = Instant::now();
         let answer = self.call(&inv).await.and_then(script::resume_reply);
         let local_now = Instant::now();
         let limit = grant.rate.limit;
@@ -582,7 +583,7 @@ impl Inner {
                         grant.at = local_now + from_micros(g - redis_now);
                         grant.queue_limit = gq.capacity;
                     } else {
-                        grant.at = local_now;
+                        grant.at = sent;
                     }
                 }
                 grant.pending = false;
@@ -749,6 +750,7 @@ async fn drive(inner: Arc<Inner>, key: Key, lane: Arc<Lane>) {
             policy.global,
             &asks,
         );
+        let sent = Instant::now();
         let answer = inner.call(&inv).await.and_then(script::acquire_reply);
         let local_now = Instant::now();
         match answer {
@@ -761,6 +763,7 @@ async fn drive(inner: Arc<Inner>, key: Key, lane: Arc<Lane>) {
                     let _ = waiter.reply.send(Ok(Reply {
                         redis_now,
                         local_now,
+                        sent,
                         ask,
                         answer,
                     }));
