@@ -349,9 +349,14 @@ async fn on_a_redis_cluster_the_window_holds_across_three_proxies() {
 
 /// `tmdb-proxy check` with `url` as the Redis URL: its whole output.
 fn check_with_redis(url: &str) -> String {
+    check_with_redis_env(url, &[])
+}
+
+fn check_with_redis_env(url: &str, env: &[(&str, &std::path::Path)]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))
         .args(["--config", "config/tmdb-proxy.toml", "check"])
         .env("TMDB_PROXY__CLUSTER__REDIS_URL", url)
+        .envs(env.iter().copied())
         .output()
         .expect("the binary runs");
     assert!(output.status.success(), "{output:?}");
@@ -375,4 +380,33 @@ async fn check_reports_whether_redis_takes_the_password_and_never_prints_it() {
         );
         assert!(output.contains("redis://<redacted>@127.0.0.1"), "{output}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_over_tls_is_reached_with_rediss_and_its_certificate_checked() {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("tmdb-proxy-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let tls_port = support::redis::free_port();
+    let _redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    // Trusted through SSL_CERT_FILE, as a private CA would be.
+    let trusted = check_with_redis_env(&url, &[("SSL_CERT_FILE", &cert)]);
+    assert!(trusted.contains("runs the budget script"), "{trusted}");
+    // Not trusted: refused, and the proxy would serve on its local share.
+    let untrusted = check_with_redis(&url);
+    assert!(untrusted.contains("warning: Redis"), "{untrusted}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
