@@ -288,16 +288,7 @@ impl Budget for SharedBudget {
         let stamps: Vec<(Key, Micros, u64)> = (grant.stamps.iter().flatten())
             .map(|s| (s.key, (s.at / 1000) as Micros, s.at % 1000))
             .collect();
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let inv = script::release(&inner.layout, &inner.replica, &stamps);
-            if inner.call(&inv).await.is_ok() {
-                inner
-                    .stats
-                    .tokens_released
-                    .fetch_add(stamps.len() as u64, Ordering::Relaxed);
-            }
-        });
+        self.inner.release_stamps(stamps);
     }
 
     fn pause(&self, key: Key, now: Instant, wait: Duration) -> bool {
@@ -696,6 +687,29 @@ impl Inner {
         true
     }
 
+    /// Releases the stamps Redis granted to a request that is no longer waiting for them.
+    fn give_back(self: &Arc<Self>, key: Key, reply: &Reply) {
+        let Answer::Admitted { at, global, .. } = reply.answer else {
+            return;
+        };
+        let mut stamps = vec![(key, at, reply.ask.key_seq)];
+        if let Some(GlobalSlot::At(g)) = global {
+            stamps.push((Key::GLOBAL, g, reply.ask.global_seq));
+        }
+        self.release_stamps(stamps);
+    }
+
+    /// Gives `stamps` (key, at, sequence number) back, in a task of its own.
+    fn release_stamps(self: &Arc<Self>, stamps: Vec<(Key, Micros, u64)>) {
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let inv = script::release(&inner.layout, &inner.replica, &stamps);
+            if inner.call(&inv).await.is_ok() {
+                (inner.stats.tokens_released).fetch_add(stamps.len() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+
     /// While returning to Redis: writes a local admission into it as well.
     fn record_returning(self: &Arc<Self>, grant: &Grant, now: Instant) {
         if lock(&self.returning_until).is_none() {
@@ -760,13 +774,17 @@ async fn drive(inner: Arc<Inner>, key: Key, lane: Arc<Lane>) {
                     if let Answer::KeyDenied { next_free, .. } = answer {
                         dry = Some(local_now + from_micros(next_free - redis_now));
                     }
-                    let _ = waiter.reply.send(Ok(Reply {
+                    let reply = Reply {
                         redis_now,
                         local_now,
                         sent,
                         ask,
                         answer,
-                    }));
+                    };
+                    // The request went away while its call was in flight: its token goes back.
+                    if let Err(Ok(unclaimed)) = waiter.reply.send(Ok(reply)) {
+                        inner.give_back(key, &unclaimed);
+                    }
                 }
                 if let Some(dry) = dry {
                     let mut state = lock(&lane.state);
