@@ -103,7 +103,7 @@ struct ActionLabels {
 struct ClusterMetrics {
     mode: Family<ModeLabels, Gauge>,
     calls: Family<ResultLabels, Counter>,
-    call_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    call_duration: Histogram,
     transitions: Family<ToLabels, Counter>,
     tokens: Family<ActionLabels, Counter>,
     decided_locally: Counter,
@@ -192,6 +192,15 @@ impl Metrics {
         }
     }
 
+    /// What the shared budget calls with the time of each answered Redis call (`None` without
+    /// `[cluster]`).
+    pub fn redis_call_observer(&self) -> Option<std::sync::Arc<dyn Fn(Duration) + Send + Sync>> {
+        let histogram = self.cluster.as_ref()?.call_duration.clone();
+        Some(std::sync::Arc::new(move |took: Duration| {
+            histogram.observe(took.as_secs_f64());
+        }))
+    }
+
     /// Counts one answered request.
     pub fn record_request(&self, outcome: Outcome, code: Option<u16>, alias: Option<&str>) {
         let code = code.map(|c| c.to_string()).unwrap_or_default();
@@ -261,7 +270,8 @@ impl ClusterMetrics {
         let this = Self {
             mode: Family::default(),
             calls: Family::default(),
-            call_seconds: Counter::default(),
+            // 100 µs to ~100 ms.
+            call_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 11)),
             transitions: Family::default(),
             tokens: Family::default(),
             decided_locally: Counter::default(),
@@ -277,9 +287,9 @@ impl ClusterMetrics {
             this.calls.clone(),
         );
         registry.register(
-            "redis_call_seconds",
-            "Total time of answered Redis calls",
-            this.call_seconds.clone(),
+            "redis_call_duration_seconds",
+            "Time of answered Redis calls of the shared budget",
+            this.call_duration.clone(),
         );
         registry.register(
             "budget_breaker_transitions",
@@ -320,10 +330,6 @@ impl ClusterMetrics {
             ("timeout", f.calls_timed_out),
         ] {
             catch_up(&self.calls.get_or_create(&ResultLabels { result }), value);
-        }
-        let seen = self.call_seconds.get();
-        if f.call_seconds > seen {
-            self.call_seconds.inc_by(f.call_seconds - seen);
         }
         catch_up(
             &self.transitions.get_or_create(&ToLabels { to: "local" }),

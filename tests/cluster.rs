@@ -127,6 +127,17 @@ async fn three_proxies_on_one_redis_keep_one_keys_budget() {
         let ready = get(&http1_client(), &proxy.url("/3/movie/2?api_key=OTHER")).await;
         assert_eq!(ready.status, 200);
     }
+    let metrics = proxies[0].proxy.render_metrics();
+    for line in [
+        "tmdb_proxy_budget_mode{mode=\"shared\"} 1",
+        "tmdb_proxy_budget_mode{mode=\"local\"} 0",
+        "tmdb_proxy_redis_calls_total{result=\"ok\"} ",
+        "tmdb_proxy_redis_call_duration_seconds_count ",
+        "tmdb_proxy_shared_tokens_total{action=\"granted\"} ",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+    assert!(!metrics.contains("SHARED"), "no key in the metrics");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,9 +107,13 @@ impl Proxy {
 
     fn build(cfg: &Config, dialer: Option<Dialer>) -> Result<Self, BuildError> {
         let policy = Policy::new(&cfg.limit, budget_key);
+        let metrics = match cfg.cluster.store {
+            Some(_) => Metrics::with_cluster(),
+            None => Metrics::new(),
+        };
         let budget: Arc<dyn Budget> = match &cfg.cluster.store {
             Some(store) => Arc::new(
-                SharedBudget::new(&cfg.cluster, store, policy)
+                SharedBudget::new(&cfg.cluster, store, policy, metrics.redis_call_observer())
                     .map_err(|e| BuildError::Cluster(e.to_string()))?,
             ),
             None => {
@@ -124,10 +128,7 @@ impl Proxy {
             shared: Arc::new(Shared {
                 admission: Admission::new(budget),
                 settings: ArcSwap::from_pointee(settings),
-                metrics: match cfg.cluster.store {
-                    Some(_) => Metrics::with_cluster(),
-                    None => Metrics::new(),
-                },
+                metrics,
                 broken_bodies,
                 ready: AtomicBool::new(true),
                 require_redis: cfg.cluster.require_redis,

@@ -73,8 +73,6 @@ struct Stats {
     calls_ok: AtomicU64,
     calls_failed: AtomicU64,
     calls_timed_out: AtomicU64,
-    /// Total time of answered calls, in µs.
-    call_micros: AtomicU64,
     breaker_opened: AtomicU64,
     breaker_closed: AtomicU64,
     tokens_granted: AtomicU64,
@@ -91,7 +89,6 @@ pub struct Figures {
     pub calls_ok: u64,
     pub calls_failed: u64,
     pub calls_timed_out: u64,
-    pub call_seconds: f64,
     pub breaker_opened: u64,
     pub breaker_closed: u64,
     pub tokens_granted: u64,
@@ -126,7 +123,20 @@ struct Inner {
     replica: String,
     seq: AtomicU64,
     stats: Stats,
+    /// Told the time of each answered call (the metrics' histogram).
+    observe: Option<Observed>,
 }
+
+struct Observed(Observer);
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observed")
+    }
+}
+
+/// What is told the time of each answered Redis call.
+pub type Observer = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// One key's queue of acquires for Redis.
 #[derive(Debug, Default)]
@@ -170,7 +180,12 @@ struct Reply {
 impl SharedBudget {
     /// A shared budget on `store` under `policy`, not yet connected: the first calls connect,
     /// and requests are served on the local share until Redis answers.
-    pub fn new(cfg: &ClusterConfig, store: &RedisStore, policy: Policy) -> Result<Self, LinkError> {
+    pub fn new(
+        cfg: &ClusterConfig,
+        store: &RedisStore,
+        policy: Policy,
+        observe: Option<Observer>,
+    ) -> Result<Self, LinkError> {
         let replicas = cfg.expected_replicas.get();
         let inner = Arc::new(Inner {
             link: Link::new(cfg, store)?,
@@ -186,6 +201,7 @@ impl SharedBudget {
             replica: replica_id(),
             seq: AtomicU64::new(0),
             stats: Stats::default(),
+            observe: observe.map(Observed),
         });
         spawn_upkeep(Arc::downgrade(&inner));
         Ok(Self { inner })
@@ -205,7 +221,6 @@ impl SharedBudget {
             calls_ok: get(&s.calls_ok),
             calls_failed: get(&s.calls_failed),
             calls_timed_out: get(&s.calls_timed_out),
-            call_seconds: get(&s.call_micros) as f64 / 1e6,
             breaker_opened: get(&s.breaker_opened),
             breaker_closed: get(&s.breaker_closed),
             tokens_granted: get(&s.tokens_granted),
@@ -396,10 +411,9 @@ impl Inner {
         match &answer {
             Ok(_) => {
                 self.stats.calls_ok.fetch_add(1, Ordering::Relaxed);
-                let took = micros(now.saturating_duration_since(started));
-                self.stats
-                    .call_micros
-                    .fetch_add(took.max(0) as u64, Ordering::Relaxed);
+                if let Some(Observed(observe)) = &self.observe {
+                    observe(now.saturating_duration_since(started));
+                }
             }
             Err(LinkError::Timeout(_)) => {
                 self.stats.calls_timed_out.fetch_add(1, Ordering::Relaxed);
