@@ -27,7 +27,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tmdb_proxy::sim::{Fault, Sim, SimBuilder, max_in_window};
+use tmdb_proxy::sim::{Fault, Sim, max_in_window};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -116,24 +116,6 @@ async fn raw(addr: SocketAddr, request: &[u8], within: Duration) -> Option<usize
     }
 }
 
-/// Starts the stand-in on a thread and runtime of its own, so that the times it records for
-/// arrivals do not wait behind the clients' tasks; it runs until the sender is dropped.
-fn on_own_thread(builder: SimBuilder) -> (Sim, tokio::sync::oneshot::Sender<()>) {
-    let (started, sim) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the stand-in");
-        runtime.block_on(async move {
-            let _ = started.send(builder.start().await.expect("the stand-in starts"));
-            let _ = stopped.await;
-        });
-    });
-    (sim.recv().expect("the stand-in started"), stop)
-}
-
 fn main() {
     let duration = duration_arg();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -151,39 +133,39 @@ async fn soak(duration: Duration) {
         .expect("cargo runs");
     assert!(built.success(), "the proxy builds");
 
-    let (sim, _stop_sim) = on_own_thread(
-        Sim::builder()
-            .rate_limit(Some(50))
-            .keep_arrivals(200_000)
-            .fault("/3/reset", Fault::Close)
-            .fault("/3/broken", Fault::BreakBody { length: 1_000_000 })
-            .stall("/3/stall")
-            // Headers and 64 KiB of a 320 KiB body, then nothing: the gate never opens.
-            .stream("/3/stall-body", 64 * 1024, 5, Some(Arc::new(Notify::new())))
-            // Closes its connection after answering, so pooled connections keep going away.
-            .respond(
-                "/3/closing",
-                200,
-                &[
-                    ("content-type", "application/json"),
-                    ("connection", "close"),
-                ],
-                "{}",
-            )
-            .fault(
-                "/3/early",
-                Fault::AnswerBeforeBody {
-                    read_after: Duration::from_millis(200),
-                },
-            )
-            .respond(
-                "/3/html",
-                502,
-                &[("content-type", "text/html")],
-                "<html>edge</html>",
-            )
-            .stream("/3/big", 64 * 1024, 32, None),
-    );
+    let sim = (Sim::builder()
+        .rate_limit(Some(50))
+        .keep_arrivals(200_000)
+        .fault("/3/reset", Fault::Close)
+        .fault("/3/broken", Fault::BreakBody { length: 1_000_000 })
+        .stall("/3/stall")
+        // Headers and 64 KiB of a 320 KiB body, then nothing: the gate never opens.
+        .stream("/3/stall-body", 64 * 1024, 5, Some(Arc::new(Notify::new())))
+        // Closes its connection after answering, so pooled connections keep going away.
+        .respond(
+            "/3/closing",
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("connection", "close"),
+            ],
+            "{}",
+        )
+        .fault(
+            "/3/early",
+            Fault::AnswerBeforeBody {
+                read_after: Duration::from_millis(200),
+            },
+        )
+        .respond(
+            "/3/html",
+            502,
+            &[("content-type", "text/html")],
+            "<html>edge</html>",
+        )
+        .stream("/3/big", 64 * 1024, 32, None))
+    .start_on_own_thread()
+    .expect("the stand-in starts");
 
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("tmdb-proxy-soak-{}", std::process::id()));

@@ -243,6 +243,34 @@ impl SimBuilder {
         self.start_on(TcpListener::bind("127.0.0.1:0").await?)
     }
 
+    /// Starts on a thread and runtime of its own, so the times it records for arrivals do not
+    /// wait behind the proxy's and the clients' tasks (tests and benchmarks that measure windows
+    /// at the upstream over real sockets). It serves until the returned [`OwnThread`] drops.
+    pub fn start_on_own_thread(self) -> io::Result<OwnThread> {
+        let (started, sim) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = started.send(Err(error));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let _ = started.send(self.start().await);
+                let _ = stopped.await;
+            });
+        });
+        let sim = sim
+            .recv()
+            .map_err(|_| io::Error::other("the stand-in's thread ended"))??;
+        Ok(OwnThread { sim, _stop: stop })
+    }
+
     /// Starts on `listener`; serves until the [`Sim`] is dropped.
     pub fn start_on(self, listener: TcpListener) -> io::Result<Sim> {
         let addr = listener.local_addr()?;
@@ -465,6 +493,21 @@ impl Sim {
     /// Connections accepted in total.
     pub fn accepted_connections(&self) -> usize {
         self.stand_in.state.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A stand-in on a thread and runtime of its own; dropping this stops that runtime.
+#[derive(Debug)]
+pub struct OwnThread {
+    pub sim: Sim,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl std::ops::Deref for OwnThread {
+    type Target = Sim;
+
+    fn deref(&self) -> &Sim {
+        &self.sim
     }
 }
 

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tmdb_proxy::server::Server;
-use tmdb_proxy::sim::{Sim, SimBuilder};
+use tmdb_proxy::sim::{OwnThread, Sim, SimBuilder};
 use tmdb_proxy::{Config, Proxy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -97,40 +97,10 @@ pub async fn sim_with(builder: SimBuilder) -> Sim {
     builder.start().await.unwrap()
 }
 
-/// A stand-in served by a runtime of its own, on a thread of its own: its clock for arrivals
-/// does not wait behind the proxy's and the clients' tasks (tests that measure windows at the
-/// upstream over real sockets). Dropping it stops that runtime.
-pub struct OwnThreadSim {
-    pub sim: Sim,
-    _stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl std::ops::Deref for OwnThreadSim {
-    type Target = Sim;
-
-    fn deref(&self) -> &Sim {
-        &self.sim
-    }
-}
-
-/// Starts the stand-in `builder` describes on a thread and runtime of its own.
-pub fn sim_on_own_thread(builder: SimBuilder) -> OwnThreadSim {
-    let (started, sim) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the stand-in");
-        runtime.block_on(async move {
-            let _ = started.send(builder.start().await.expect("the stand-in starts"));
-            let _ = stopped.await;
-        });
-    });
-    OwnThreadSim {
-        sim: sim.recv().expect("the stand-in started"),
-        _stop: Some(stop),
-    }
+/// Starts the stand-in `builder` describes on a thread and runtime of its own (see
+/// [`SimBuilder::start_on_own_thread`]).
+pub fn sim_on_own_thread(builder: SimBuilder) -> OwnThread {
+    builder.start_on_own_thread().expect("the stand-in starts")
 }
 
 /// The address requests appear to come from when the proxy is called in-process.
