@@ -834,6 +834,12 @@ impl Config {
                 self.limit.sweep_interval != running.limit.sweep_interval,
             ),
             ("cluster", self.cluster != running.cluster),
+            (
+                "limit.global_requests_per_second turned on or off (with [cluster])",
+                self.cluster.store.is_some()
+                    && self.limit.global_requests_per_second.is_some()
+                        != running.limit.global_requests_per_second.is_some(),
+            ),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))

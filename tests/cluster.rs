@@ -421,3 +421,23 @@ async fn a_redis_over_tls_is_reached_with_rediss_and_its_certificate_checked() {
     assert!(untrusted.contains("warning: Redis"), "{untrusted}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_leaves_on_time_costs_one_redis_call() {
+    let redis = RedisServer::start();
+    let sim = sim_on_own_thread(Sim::builder());
+    let proxies = replicas(1, &redis, &sim, "", "").await;
+    assert!(all_become(&proxies, "ready\nbudget: shared\n").await);
+    let calls = || {
+        let figures = proxies[0].proxy.budget().shared().unwrap().figures();
+        figures.calls_ok + figures.calls_failed + figures.calls_timed_out
+    };
+    let before = calls();
+    let client = http1_client();
+    for i in 0..20 {
+        let url = proxies[0].url(&format!("/3/movie/1?api_key=ONCE{i}"));
+        assert_eq!(get(&client, &url).await.status, 200);
+    }
+    // One acquire each; the upkeep's probe does not run while Redis answers.
+    assert_eq!(calls() - before, 20);
+}

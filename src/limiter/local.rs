@@ -65,18 +65,19 @@ impl LocalBudget {
         self.epoch + Duration::from_nanos(t)
     }
 
-    /// The ages at `now` of the tokens each key spent in the last window (queued ones not
-    /// included): what the shared budget writes into Redis when it takes over again.
-    pub fn recent(&self, now: Instant) -> Vec<(Key, Vec<Duration>)> {
+    /// How long ago, at `now`, each key spent the tokens it holds (in nanoseconds; negative for
+    /// queued ones, not yet due): what the shared budget writes into Redis when it takes over
+    /// again.
+    pub fn recent(&self, now: Instant) -> Vec<(Key, Vec<i64>)> {
         let (t, policy) = (self.nanos(now), self.policy.load());
         self.store.collect(|key, bucket| {
             let window = match key {
                 Key::GLOBAL => policy.global.map_or(policy.default.window, |g| g.window),
                 key => policy.quota_for(key).window,
             };
-            let ages: Vec<Duration> = (bucket.stamps().iter())
-                .filter(|&&at| at <= t && at + window > t)
-                .map(|&at| Duration::from_nanos(t - at))
+            let ages: Vec<i64> = (bucket.stamps().iter())
+                .filter(|&&at| at.saturating_add(window) > t)
+                .map(|&at| i64::try_from(t as i128 - at as i128).unwrap_or(i64::MIN))
                 .collect();
             (!ages.is_empty()).then_some((key, ages))
         })

@@ -87,10 +87,22 @@ local function fits(b, t)
 end
 
 local function member(at, seq, replica)
-  return string.format('%d:%s:%s', at, seq, replica)
+  return string.format('%d:%d:%s', at, seq, replica)
 end
 
--- Bucket::acquire without given-back slots: {admitted, at or next_free, remaining or in_window}.
+-- Adds a stamp at `at` under a member no other stamp holds: the first free sequence number from
+-- `seq` on (mod 1000). Returns the one used, which the proxy keeps to name the stamp later.
+local function add(log, at, seq, replica)
+  local s = tonumber(seq) % 1000
+  for _ = 1, 1000 do
+    if redis.call('ZADD', log, 'NX', int(at), member(at, s, replica)) == 1 then return s end
+    s = (s + 1) % 1000
+  end
+  return s
+end
+
+-- Bucket::acquire without given-back slots: {1, at, remaining, next_free, seq} or
+-- {0, next_free, in_window}.
 local function acquire(b, now, max_wait, seq, replica)
   refill(b, now)
   local n = #b.spent
@@ -99,8 +111,8 @@ local function acquire(b, now, max_wait, seq, replica)
   if at - now > max_wait then return { 0, at, #b.spent } end
   b.spent[#b.spent + 1] = at
   if b.tat then b.tat = math.max(b.tat, at) + b.spacing end
-  redis.call('ZADD', b.log, int(at), member(at, seq, replica))
-  return { 1, at, free_at(b, at), next_slot(b, now) }
+  local used = add(b.log, at, seq, replica)
+  return { 1, at, free_at(b, at), next_slot(b, now), used }
 end
 
 -- Writes pacing and pause back, and keeps both keys a window past their last use.
@@ -126,7 +138,8 @@ local now = clock()
 -- acquire: KEYS key log, key state[, global log, global state]
 -- ARGV op, replica, key cap, win, spacing, tol, global cap (0: none), win, spacing, tol, then per
 -- token: max_wait, key seq, global seq.
--- Per token: {1, key at, remaining, next_free, global at (-1: none, -2: at the key's turn)}, or
+-- Per token: {1, key at, remaining, next_free, global at (-1: none, -2: at the key's turn), key
+-- seq, global seq (-1: none)}, or
 -- {0, next_free, in_window, paused (1/0)} for the key, or {2, next_free, in_window} for the global.
 if op == 'acquire' then
   local k = load(KEYS[1], KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
@@ -147,18 +160,18 @@ if op == 'acquire' then
       if k.pause > now then paused = 1 end
       out[#out + 1] = { 0, r[2], r[3], paused }
     elseif g == nil then
-      out[#out + 1] = { 1, r[2], r[3], r[4], -1 }
+      out[#out + 1] = { 1, r[2], r[3], r[4], -1, r[5], -1 }
     elseif r[2] - now > SKEW then
       -- Queued for the key's turn: the global token is taken when it comes.
-      out[#out + 1] = { 1, r[2], r[3], r[4], -2 }
+      out[#out + 1] = { 1, r[2], r[3], r[4], -2, r[5], -1 }
     else
       local gr = acquire(g, now, max_wait, gseq, replica)
       if gr[1] == 1 then
-        out[#out + 1] = { 1, r[2], r[3], r[4], gr[2] }
+        out[#out + 1] = { 1, r[2], r[3], r[4], gr[2], r[5], gr[5] }
       else
         -- Give the key's token back: the request does not go.
         table.remove(k.spent)
-        redis.call('ZREM', k.log, member(r[2], kseq, replica))
+        redis.call('ZREM', k.log, member(r[2], r[5], replica))
         out[#out + 1] = { 2, gr[2], gr[3] }
       end
     end
@@ -170,22 +183,23 @@ end
 
 -- resume: KEYS key log, key state[, global log, global state]
 -- ARGV op, replica, global cap (0: none), win, spacing, tol, max_wait, global seq.
--- {now, 1, global at (-1: none)}, {now, 0} when the key is paused, {now, 2, next_free, in_window}.
+-- {now, 1, global at (-1: none), global seq}, {now, 0} when the key is paused,
+-- {now, 2, next_free, in_window}.
 if op == 'resume' then
   local pause = tonumber(redis.call('HGET', KEYS[2], 'pause')) or 0
   if pause > now then return { now, 0 } end
   local gcap = tonumber(ARGV[3])
-  if gcap == 0 then return { now, 1, -1 } end
+  if gcap == 0 then return { now, 1, -1, -1 } end
   local g = load(KEYS[3], KEYS[4], gcap, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), now)
   local r = acquire(g, now, tonumber(ARGV[7]), ARGV[8], replica)
   save(g, now)
-  if r[1] == 1 then return { now, 1, r[2] } end
+  if r[1] == 1 then return { now, 1, r[2], r[5] } end
   return { now, 2, r[2], r[3] }
 end
 
 -- confirm: KEYS per stamp: log, state (the key's first)
 -- ARGV op, replica, then per stamp: old at, old seq, new seq, cap, win, spacing, tol.
--- Moves each stamp to now if it still fits. {now, 1, new at...}, or {now, 0, 1 paused / 0 no fit}.
+-- Moves each stamp to now if it still fits. {now, 1, new seq...}, or {now, 0, 1 paused / 0 no fit}.
 if op == 'confirm' then
   local moved = { now, 1 }
   local budgets = {}
@@ -204,9 +218,8 @@ if op == 'confirm' then
   for s = 1, #budgets do
     local b, old, oseq, nseq = budgets[s][1], budgets[s][2], budgets[s][3], budgets[s][4]
     redis.call('ZREM', b.log, member(old, oseq, replica))
-    redis.call('ZADD', b.log, int(now), member(now, nseq, replica))
+    moved[#moved + 1] = add(b.log, now, nseq, replica)
     save(b, now)
-    moved[#moved + 1] = now
   end
   return moved
 end
@@ -242,7 +255,7 @@ if op == 'record' then
   for i = 4, #ARGV - 1, 2 do
     local at = now - tonumber(ARGV[i])
     if at + win > now then
-      redis.call('ZADD', KEYS[1], int(at), member(at, ARGV[i + 1], replica))
+      add(KEYS[1], at, ARGV[i + 1], replica)
       if at > last then last = at end
     end
   end

@@ -151,6 +151,8 @@ struct LaneState {
     waiting: Vec<Waiter>,
     /// No token before this, as Redis last said (a refusal or a pause).
     dry_until: Option<Instant>,
+    /// Until when an upstream 429 seen here paused the key (refusals then say so).
+    paused_until: Option<Instant>,
     /// The key's standing after its last grant, for `peek`.
     last: Option<(Instant, RateState)>,
     used: Option<Instant>,
@@ -162,15 +164,11 @@ struct Waiter {
     reply: oneshot::Sender<Result<Reply, LinkError>>,
 }
 
-/// Redis's answer for one token, with both clocks at the moment it came back, and when the
-/// call was sent.
+/// Redis's answer for one token, with both clocks at the moment it came back.
 #[derive(Debug)]
 struct Reply {
     redis_now: Micros,
     local_now: Instant,
-    /// Redis stamped the token no earlier than this: a grant due at once counts its departure
-    /// from here, so the tolerance covers the call's way there and back too.
-    sent: Instant,
     ask: Ask,
     answer: Answer,
 }
@@ -278,7 +276,7 @@ impl Budget for SharedBudget {
         if !grant.shared {
             return self.inner.fallback.resume(grant, now, max_wait);
         }
-        Pending::later(self.inner.resume(grant, max_wait))
+        Pending::later(self.inner.resume(grant, now, max_wait))
     }
 
     fn confirm<'a>(
@@ -289,8 +287,15 @@ impl Budget for SharedBudget {
         if !grant.shared {
             return self.inner.fallback.confirm(grant, now);
         }
+        // Each stamp must leave within the tolerance of its own time: `at` is the later one's
+        // (a global slot may come after the key's token), so stamps further apart than the
+        // tolerance go to Redis too.
         let tolerance = self.inner.policy.load().tolerance;
-        if now.saturating_duration_since(grant.at) <= tolerance {
+        let times = grant.stamps.iter().flatten().map(|s| s.at / 1000);
+        let spread = times.clone().max().unwrap_or(0) - times.min().unwrap_or(0);
+        if now.saturating_duration_since(grant.at) <= tolerance
+            && Duration::from_micros(spread) <= tolerance
+        {
             return Pending::ready(Ok(()));
         }
         Pending::later(self.inner.confirm(grant))
@@ -303,6 +308,10 @@ impl Budget for SharedBudget {
         let stamps: Vec<(Key, Micros, u64)> = (grant.stamps.iter().flatten())
             .map(|s| (s.key, (s.at / 1000) as Micros, s.at % 1000))
             .collect();
+        // A token came back: the key may have one free before Redis last said.
+        if let Some(lane) = self.inner.lanes.get(&grant.key) {
+            lock(&lane.state).dry_until = None;
+        }
         self.inner.release_stamps(stamps);
     }
 
@@ -312,6 +321,7 @@ impl Budget for SharedBudget {
             let mut state = lock(&lane.state);
             let until = now + wait;
             state.dry_until = Some(state.dry_until.map_or(until, |d| d.max(until)));
+            state.paused_until = Some(state.paused_until.map_or(until, |d| d.max(until)));
         }
         let first = self.inner.fallback.pause(key, now, wait);
         if !self.inner.open.load(Ordering::Relaxed) {
@@ -319,7 +329,7 @@ impl Budget for SharedBudget {
             let window = micros(window_of(&inner.policy.load().default));
             tokio::spawn(async move {
                 let inv = script::pause(&inner.layout, &inner.replica, key, micros(wait), window);
-                let _ = inner.call(&inv).await;
+                let _ = inner.call(&inv, Ok).await;
             });
         }
         first
@@ -347,11 +357,21 @@ impl Budget for SharedBudget {
         )
     }
 
-    fn set_policy(&self, policy: Policy) {
+    fn set_policy(&self, mut policy: Policy) {
+        // The key layout follows whether a ceiling was set at start (a key and the ceiling must
+        // share a slot): turning it on or off takes a restart (`Config::restart_required`).
+        let before = self.inner.policy.load().global;
+        if self.inner.layout.one_slot() != policy.global.is_some() {
+            policy.global = before;
+        }
         self.inner
             .fallback
             .set_policy(share(&policy, self.inner.replicas));
         self.inner.policy.store(Arc::new(policy));
+        // Limits changed: what Redis said about keys being dry no longer holds.
+        for lane in self.inner.lanes.iter() {
+            lock(&lane.state).dry_until = None;
+        }
     }
 
     fn tracked_keys(&self) -> usize {
@@ -390,9 +410,14 @@ impl Inner {
     }
 
     /// One call, counted, with the breaker told how it went.
-    async fn call(&self, inv: &redis::ScriptInvocation<'_>) -> Result<redis::Value, LinkError> {
+    async fn call<T>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        read: impl FnOnce(redis::Value) -> Result<T, LinkError>,
+    ) -> Result<T, LinkError> {
         let started = Instant::now();
-        let answer = self.link.invoke(inv).await;
+        // A reply the budget cannot read counts as a failure too.
+        let answer = self.link.invoke(inv).await.and_then(read);
         let now = Instant::now();
         let transition = {
             let mut breaker = lock(&self.breaker);
@@ -450,7 +475,11 @@ impl Inner {
                 && dry > now + max_wait
             {
                 let limit = self.policy.load().quota_for(key).capacity;
-                return Err(Refusal::new(Reason::KeyOverLimit, limit, limit, dry - now));
+                let reason = match state.paused_until {
+                    Some(until) if until > now => Reason::Paused,
+                    _ => Reason::KeyOverLimit,
+                };
+                return Err(Refusal::new(reason, limit, limit, dry - now));
             }
             let (tx, rx) = oneshot::channel();
             state.waiting.push(Waiter {
@@ -463,14 +492,23 @@ impl Inner {
             rx
         };
         match reply.await {
-            Ok(Ok(reply)) => self.grant_from(key, &lane, reply),
+            Ok(Ok(reply)) => self.grant_from(key, &lane, reply, now),
             // Redis did not answer: the local share decides, without waiting any longer.
             _ => self.local_acquire(key, Instant::now(), max_wait.saturating_sub(now.elapsed())),
         }
     }
 
     /// Turns Redis's answer into a grant or a refusal, on the local clock.
-    fn grant_from(&self, key: Key, lane: &Lane, reply: Reply) -> Result<Grant, Refusal> {
+    /// `asked` is when the request asked: a grant due at once is due then (so the admission step
+    /// sends it without a second call), and its departure is judged from then, which covers the
+    /// call's way there and back.
+    fn grant_from(
+        &self,
+        key: Key,
+        lane: &Lane,
+        reply: Reply,
+        asked: Instant,
+    ) -> Result<Grant, Refusal> {
         let policy = self.policy.load();
         let quota = policy.quota_for(key);
         let to_local = |t: Micros| reply.local_now + from_micros(t - reply.redis_now);
@@ -481,6 +519,8 @@ impl Inner {
                 remaining,
                 next_free,
                 global,
+                key_seq,
+                global_seq,
             } => {
                 let rate = RateState {
                     limit: quota.capacity,
@@ -489,16 +529,16 @@ impl Inner {
                 };
                 let mut grant = Grant {
                     key,
-                    at: if ahead(at) { to_local(at) } else { reply.sent },
+                    at: if ahead(at) { to_local(at) } else { asked },
                     pending: false,
                     queue_limit: quota.capacity,
                     rate,
-                    stamps: [Some(stamp(key, quota, at, reply.ask.key_seq)), None],
+                    stamps: [Some(stamp(key, quota, at, key_seq)), None],
                     shared: true,
                 };
                 match (global, policy.global) {
                     (Some(GlobalSlot::At(g)), Some(gq)) => {
-                        grant.stamps[1] = Some(stamp(Key::GLOBAL, gq, g, reply.ask.global_seq));
+                        grant.stamps[1] = Some(stamp(Key::GLOBAL, gq, g, global_seq));
                         if ahead(g) {
                             grant.at = grant.at.max(to_local(g));
                             grant.queue_limit = gq.capacity;
@@ -562,7 +602,14 @@ impl Inner {
         Ok(grant)
     }
 
-    async fn resume(&self, grant: &mut Grant, max_wait: Duration) -> Result<(), Refusal> {
+    /// A queued grant's turn has come at `now`: checks the key was not paused meanwhile and
+    /// takes the global token it still lacks.
+    async fn resume(
+        &self,
+        grant: &mut Grant,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<(), Refusal> {
         let policy = self.policy.load();
         let global = policy.global.filter(|_| grant.pending);
         let seq = self.next_seq();
@@ -574,34 +621,36 @@ impl Inner {
             micros(max_wait),
             seq,
         );
-        let sent = Instant::now();
-        let answer = self.call(&inv).await.and_then(script::resume_reply);
+        let answer = self.call(&inv, script::resume_reply).await;
         let local_now = Instant::now();
         let limit = grant.rate.limit;
+        // Queue again: the turn is given back and asked for anew.
+        let again = Refusal::new(Reason::Paused, limit, 0, Duration::ZERO);
         match answer {
-            Ok((_, Resumed::Paused)) => Err(Refusal::new(Reason::Paused, limit, 0, Duration::ZERO)),
+            Ok((_, Resumed::Paused)) => Err(again),
             Ok((redis_now, Resumed::Go(g))) => {
-                if let (Some(g), Some(gq)) = (g, global) {
-                    grant.pending = false;
-                    grant.stamps[1] = Some(stamp(Key::GLOBAL, gq, g, seq));
+                if let (Some((g, gseq)), Some(gq)) = (g, global) {
+                    grant.stamps[1] = Some(stamp(Key::GLOBAL, gq, g, gseq));
                     if g - redis_now > SKEW {
                         grant.at = local_now + from_micros(g - redis_now);
                         grant.queue_limit = gq.capacity;
                     } else {
-                        grant.at = sent;
+                        // Due now, as the admission step asked at `now`.
+                        grant.at = now;
                     }
                 }
                 grant.pending = false;
                 Ok(())
             }
             Ok((
-                _,
+                redis_now,
                 Resumed::GlobalDenied {
                     next_free,
                     in_window,
                 },
             )) => {
-                let (limit, wait) = (global.map_or(limit, |g| g.capacity), from_micros(next_free));
+                let limit = global.map_or(limit, |g| g.capacity);
+                let wait = from_micros(next_free - redis_now);
                 Err(Refusal::new(
                     Reason::GlobalOverLimit,
                     limit,
@@ -610,7 +659,7 @@ impl Inner {
                 ))
             }
             // Without Redis the turn cannot be checked: queue again (then on the local share).
-            Err(_) => Err(Refusal::new(Reason::NoLongerFits, limit, 0, Duration::ZERO)),
+            Err(_) => Err(again),
         }
     }
 
@@ -631,10 +680,11 @@ impl Inner {
         let inv = script::confirm(&self.layout, &self.replica, &moves);
         let limit = grant.rate.limit;
         let refused = |reason| Refusal::new(reason, limit, 0, Duration::ZERO);
-        match self.call(&inv).await.and_then(script::confirm_reply) {
-            Ok(Confirmed::Moved(now)) => {
-                for (slot, m) in grant.stamps.iter_mut().flatten().zip(&moves) {
-                    *slot = stamp(m.key, m.quota, now, m.new_seq);
+        match self.call(&inv, script::confirm_reply).await {
+            Ok(Confirmed::Moved(now, seqs)) => {
+                let moved = grant.stamps.iter_mut().flatten().zip(&moves);
+                for ((slot, m), seq) in moved.zip(seqs.into_iter().chain(std::iter::repeat(0))) {
+                    *slot = stamp(m.key, m.quota, now, seq);
                 }
                 self.stats
                     .tokens_restamped
@@ -665,9 +715,11 @@ impl Inner {
             // Nothing sent on the local share lately: nothing for Redis to learn.
             None if self.fallback.recent(now).is_empty() => self.close(),
             None => {
-                if self.sync(now).await {
-                    let window = window_of(&self.policy.load().default);
-                    *lock(&self.returning_until) = Some(now + window);
+                // Returning from now on, so admissions made while the sync runs are written too.
+                let window = window_of(&self.policy.load().default);
+                *lock(&self.returning_until) = Some(now + window);
+                if !self.sync(now).await {
+                    *lock(&self.returning_until) = None;
                 }
             }
         }
@@ -689,7 +741,7 @@ impl Inner {
         for (key, ages) in self.fallback.recent(now) {
             let stamps: Vec<(Micros, u64)> = ages
                 .iter()
-                .map(|age| (micros(*age), self.next_seq()))
+                .map(|age| (age / 1000, self.next_seq()))
                 .collect();
             for chunk in stamps.chunks(256) {
                 let inv = script::record(&self.layout, &self.replica, key, micros(window), chunk);
@@ -718,7 +770,7 @@ impl Inner {
         let inner = self.clone();
         tokio::spawn(async move {
             let inv = script::release(&inner.layout, &inner.replica, &stamps);
-            if inner.call(&inv).await.is_ok() {
+            if inner.call(&inv, Ok).await.is_ok() {
                 (inner.stats.tokens_released).fetch_add(stamps.len() as u64, Ordering::Relaxed);
             }
         });
@@ -778,8 +830,7 @@ async fn drive(inner: Arc<Inner>, key: Key, lane: Arc<Lane>) {
             policy.global,
             &asks,
         );
-        let sent = Instant::now();
-        let answer = inner.call(&inv).await.and_then(script::acquire_reply);
+        let answer = inner.call(&inv, script::acquire_reply).await;
         let local_now = Instant::now();
         match answer {
             Ok((redis_now, answers)) if answers.len() == batch.len() => {
@@ -791,7 +842,6 @@ async fn drive(inner: Arc<Inner>, key: Key, lane: Arc<Lane>) {
                     let reply = Reply {
                         redis_now,
                         local_now,
-                        sent,
                         ask,
                         answer,
                     };
@@ -832,7 +882,7 @@ fn spawn_upkeep(inner: Weak<Inner>) {
                 // At start, and after a failure: ask Redis even without traffic, so the mode
                 // shown is true and a Redis that stays away opens the breaker.
                 let inv = script::ping(&inner.layout, &inner.replica);
-                if inner.call(&inv).await.is_ok() {
+                if inner.call(&inv, Ok).await.is_ok() {
                     inner.proven.store(true, Ordering::Relaxed);
                 }
             }

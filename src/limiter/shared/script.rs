@@ -40,6 +40,11 @@ impl Layout {
         }
     }
 
+    /// Whether every key shares one hash slot (a global ceiling was set at start).
+    pub(super) fn one_slot(&self) -> bool {
+        self.one_slot
+    }
+
     /// The log and state of `key`.
     pub(super) fn names(&self, key: Key) -> [String; 2] {
         let (ns, hash) = (&self.namespace, key.id());
@@ -86,6 +91,9 @@ pub(super) enum Answer {
         next_free: Micros,
         /// The global stamp, `None` without a ceiling.
         global: Option<GlobalSlot>,
+        /// The sequence numbers of the members written (the script picks free ones).
+        key_seq: u64,
+        global_seq: u64,
     },
     KeyDenied {
         next_free: Micros,
@@ -145,6 +153,7 @@ pub(super) fn acquire_reply(value: Value) -> Result<(Micros, Vec<Answer>), LinkE
             let ints = ints(row)?;
             let at = |i: usize| ints.get(i).copied().ok_or_else(|| bad("short row"));
             let count = |i: usize| at(i).map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX));
+            let seq = |i: usize| ints.get(i).map_or(0, |&v| v.max(0) as u64);
             Ok(match at(0)? {
                 1 => Answer::Admitted {
                     at: at(1)?,
@@ -155,6 +164,8 @@ pub(super) fn acquire_reply(value: Value) -> Result<(Micros, Vec<Answer>), LinkE
                         -2 => Some(GlobalSlot::AtTurn),
                         g => Some(GlobalSlot::At(g)),
                     },
+                    key_seq: seq(5),
+                    global_seq: seq(6),
                 },
                 0 => Answer::KeyDenied {
                     next_free: at(1)?,
@@ -175,8 +186,8 @@ pub(super) fn acquire_reply(value: Value) -> Result<(Micros, Vec<Answer>), LinkE
 /// What `resume` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Resumed {
-    /// Free to go; the global stamp if one was taken.
-    Go(Option<Micros>),
+    /// Free to go; the global stamp (and its sequence number) if one was taken.
+    Go(Option<(Micros, u64)>),
     Paused,
     GlobalDenied {
         next_free: Micros,
@@ -216,7 +227,9 @@ pub(super) fn resume_reply(value: Value) -> Result<(Micros, Resumed), LinkError>
     let at = |i: usize| ints.get(i).copied().ok_or_else(|| bad("short reply"));
     let resumed = match at(1)? {
         0 => Resumed::Paused,
-        1 => Resumed::Go(Some(at(2)?).filter(|&g| g >= 0)),
+        1 => Resumed::Go(
+            Some((at(2)?, ints.get(3).map_or(0, |&v| v.max(0) as u64))).filter(|&(g, _)| g >= 0),
+        ),
         _ => Resumed::GlobalDenied {
             next_free: at(2)?,
             in_window: u32::try_from(at(3)?.max(0)).unwrap_or(u32::MAX),
@@ -252,8 +265,8 @@ pub(super) fn confirm<'a>(layout: &Layout, replica: &str, moves: &[Move]) -> Scr
 /// What `confirm` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Confirmed {
-    /// Every stamp moved to Redis's now (the reply's clock).
-    Moved(Micros),
+    /// Every stamp moved to Redis's now (the reply's clock), under these sequence numbers.
+    Moved(Micros, Vec<u64>),
     Paused,
     NoLongerFits,
 }
@@ -262,7 +275,7 @@ pub(super) fn confirm_reply(value: Value) -> Result<Confirmed, LinkError> {
     let ints = ints(value)?;
     let at = |i: usize| ints.get(i).copied().ok_or_else(|| bad("short reply"));
     Ok(match (at(1)?, ints.get(2).copied()) {
-        (1, _) => Confirmed::Moved(at(0)?),
+        (1, _) => Confirmed::Moved(at(0)?, ints[2..].iter().map(|&v| v.max(0) as u64).collect()),
         (_, Some(1)) => Confirmed::Paused,
         _ => Confirmed::NoLongerFits,
     })
@@ -380,8 +393,8 @@ mod tests {
         let row = |v: &[i64]| Value::Array(v.iter().map(|&i| Value::Int(i)).collect());
         let reply = Value::Array(vec![
             Value::Int(100),
-            row(&[1, 100, 4, 100, -1]),
-            row(&[1, 2000, 0, 3000, -2]),
+            row(&[1, 100, 4, 100, -1, 7, -1]),
+            row(&[1, 2000, 0, 3000, -2, 8, -1]),
             row(&[0, 5000, 5, 1]),
             row(&[2, 900, 10]),
         ]);
@@ -394,13 +407,17 @@ mod tests {
                     at: 100,
                     remaining: 4,
                     next_free: 100,
-                    global: None
+                    global: None,
+                    key_seq: 7,
+                    global_seq: 0
                 },
                 Answer::Admitted {
                     at: 2000,
                     remaining: 0,
                     next_free: 3000,
-                    global: Some(GlobalSlot::AtTurn)
+                    global: Some(GlobalSlot::AtTurn),
+                    key_seq: 8,
+                    global_seq: 0
                 },
                 Answer::KeyDenied {
                     next_free: 5000,
@@ -416,7 +433,10 @@ mod tests {
         assert!(acquire_reply(Value::Nil).is_err());
         assert!(acquire_reply(Value::Array(vec![Value::Int(1), row(&[7])])).is_err());
         assert!(acquire_reply(Value::Array(vec![Value::Int(1), row(&[1, 2])])).is_err());
-        assert_eq!(confirm_reply(row(&[5, 1, 5])).unwrap(), Confirmed::Moved(5));
+        assert_eq!(
+            confirm_reply(row(&[5, 1, 3, 4])).unwrap(),
+            Confirmed::Moved(5, vec![3, 4])
+        );
         assert_eq!(confirm_reply(row(&[5, 0, 1])).unwrap(), Confirmed::Paused);
         assert_eq!(
             confirm_reply(row(&[5, 0, 0])).unwrap(),
@@ -424,12 +444,12 @@ mod tests {
         );
         assert_eq!(resume_reply(row(&[5, 0])).unwrap(), (5, Resumed::Paused));
         assert_eq!(
-            resume_reply(row(&[5, 1, -1])).unwrap(),
+            resume_reply(row(&[5, 1, -1, -1])).unwrap(),
             (5, Resumed::Go(None))
         );
         assert_eq!(
-            resume_reply(row(&[5, 1, 9])).unwrap(),
-            (5, Resumed::Go(Some(9)))
+            resume_reply(row(&[5, 1, 9, 2])).unwrap(),
+            (5, Resumed::Go(Some((9, 2))))
         );
     }
 }
