@@ -212,6 +212,42 @@ struct RawConfig {
     quota_savers: RawQuotaSavers,
     admin: RawAdmin,
     cluster: RawCluster,
+    cache: RawCache,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    enabled: bool,
+    max_size: ByteSize,
+    max_object_size: ByteSize,
+    #[serde(with = "humantime_serde")]
+    min_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    stale_if_error: Duration,
+    honor_client_no_cache: bool,
+    #[serde(with = "humantime_serde")]
+    negative_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    known_key_ttl: Duration,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_size: ByteSize(256 * 1024 * 1024),
+            max_object_size: ByteSize(2 * 1024 * 1024),
+            min_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(6 * 60 * 60),
+            stale_if_error: Duration::from_secs(24 * 60 * 60),
+            honor_client_no_cache: false,
+            negative_ttl: Duration::from_secs(60),
+            known_key_ttl: Duration::from_secs(24 * 60 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -494,6 +530,29 @@ pub struct Config {
     pub quota_savers: QuotaSavers,
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
+    pub cache: CacheConfig,
+}
+
+/// The response cache (`[cache]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Total bytes held.
+    pub max_size: u64,
+    /// Larger responses are served but not stored.
+    pub max_object_size: usize,
+    /// Floor over TMDB's `max-age`.
+    pub min_ttl: Duration,
+    /// Ceiling over every entry's freshness (per-class ceilings lie below it).
+    pub max_ttl: Duration,
+    /// How long after expiry a copy may still answer when TMDB fails or the budget refuses.
+    pub stale_if_error: Duration,
+    /// A client's `Cache-Control: no-cache` forces a miss only when true.
+    pub honor_client_no_cache: bool,
+    /// How long a 404 code 34 is kept.
+    pub negative_ttl: Duration,
+    /// How long a key counts as known (may read the cache) after a 2xx from TMDB.
+    pub known_key_ttl: Duration,
 }
 
 /// The shared budget on Redis (`[cluster]`). Off when `store` is `None`.
@@ -863,6 +922,7 @@ impl Config {
                 append_to_response: raw.quota_savers.append_to_response,
             },
             cluster: validate_cluster(raw.cluster)?,
+            cache: validate_cache(raw.cache)?,
         };
         // A token's stamp is taken in Redis during the call; the request leaves after the reply.
         // The window's margin must cover that way back as well as the departure tolerance.
@@ -878,6 +938,63 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// TMDB's API terms: nothing cached for longer than six months.
+const MAX_CACHE_AGE: Duration = Duration::from_secs(183 * 24 * 60 * 60);
+
+fn validate_cache(raw: RawCache) -> Result<CacheConfig, ConfigError> {
+    if raw.max_size.0 == 0 {
+        return Err(invalid(
+            "cache.max_size",
+            "must be more than 0 (set cache.enabled = false to turn it off)",
+        ));
+    }
+    let max_object_size = usize::try_from(raw.max_object_size.0)
+        .ok()
+        .filter(|&n| n > 0 && n as u64 <= raw.max_size.0)
+        .ok_or_else(|| {
+            invalid(
+                "cache.max_object_size",
+                "must be more than 0 and at most cache.max_size",
+            )
+        })?;
+    for (key, value) in [
+        ("cache.max_ttl", raw.max_ttl),
+        ("cache.stale_if_error", raw.stale_if_error),
+        ("cache.negative_ttl", raw.negative_ttl),
+        ("cache.known_key_ttl", raw.known_key_ttl),
+    ] {
+        if value > MAX_CACHE_AGE {
+            return Err(invalid(
+                key,
+                "at most 183 days: TMDB's terms allow no longer",
+            ));
+        }
+    }
+    if raw.max_ttl.is_zero() || raw.min_ttl > raw.max_ttl {
+        return Err(invalid(
+            "cache.min_ttl",
+            "must be at most cache.max_ttl, which must be more than 0",
+        ));
+    }
+    if raw.max_ttl + raw.stale_if_error > MAX_CACHE_AGE {
+        return Err(invalid(
+            "cache.stale_if_error",
+            "with cache.max_ttl, at most 183 days: TMDB's terms allow no longer",
+        ));
+    }
+    Ok(CacheConfig {
+        enabled: raw.enabled,
+        max_size: raw.max_size.0,
+        max_object_size,
+        min_ttl: raw.min_ttl,
+        max_ttl: raw.max_ttl,
+        stale_if_error: raw.stale_if_error,
+        honor_client_no_cache: raw.honor_client_no_cache,
+        negative_ttl: raw.negative_ttl,
+        known_key_ttl: raw.known_key_ttl,
+    })
 }
 
 fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {

@@ -113,9 +113,9 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-/// The `aud` claim of a JWT's payload, read without checking the signature (TMDB checks it; the
-/// proxy only needs to know whose budget the token spends).
-pub fn jwt_audience(token: &str) -> Option<String> {
+/// A JWT's claims, read without checking the signature (TMDB checks it; the proxy only needs
+/// to know whose budget the token spends, and whether it is more than a read token).
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     let mut parts = token.split('.');
     let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || payload.len() > MAX_JWT_PAYLOAD {
@@ -124,7 +124,27 @@ pub fn jwt_audience(token: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Whether a bearer token may do more than read: a JWT whose `scopes` name anything but
+/// `api_read` (a user's access token). A token that is no JWT is taken as a read token.
+pub fn may_write(token: &str) -> bool {
+    let Some(claims) = jwt_claims(token) else {
+        return false;
+    };
+    match claims.get("scopes") {
+        Some(serde_json::Value::Array(scopes)) => {
+            scopes.iter().any(|s| s.as_str() != Some("api_read"))
+        }
+        Some(_) => true,
+        None => claims.get("sub").is_some() && claims.get("aud").is_none(),
+    }
+}
+
+/// The `aud` claim of a JWT's payload (see [`jwt_claims`]).
+pub fn jwt_audience(token: &str) -> Option<String> {
+    let claims = jwt_claims(token)?;
     match claims.get("aud")? {
         serde_json::Value::String(aud) if !aud.trim().is_empty() => Some(aud.clone()),
         _ => None,
