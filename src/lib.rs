@@ -23,6 +23,7 @@
 //! - [`telemetry`]: logging setup.
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod error;
 #[cfg(test)]
