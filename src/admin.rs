@@ -73,6 +73,9 @@ pub async fn run(
 
 /// Answers one admin request.
 pub fn answer<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/cache/purge" {
+        return purge(proxy, req);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -95,6 +98,27 @@ pub fn answer<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
             "not found; try /healthz, /readyz or /metrics\n",
         ),
     }
+}
+
+/// `POST /cache/purge` empties the response cache; `?prefix=/3/movie/550` only entries whose
+/// key (path and sorted query) starts with that. Answers with the number removed.
+fn purge<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST /cache/purge[?prefix=/3/...]\n",
+        );
+    }
+    let query = crate::tmdb::Query::parse(req.uri().query());
+    let prefix = query.values("prefix").next().unwrap_or("").to_owned();
+    let removed = proxy.purge_cache(&prefix);
+    let mut response = Response::new(Full::new(Bytes::from(format!(
+        "{{\"removed\":{removed}}}\n"
+    ))));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

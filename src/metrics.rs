@@ -75,6 +75,34 @@ pub struct Metrics {
     broken_bodies: Counter,
     broken_seen: AtomicI64,
     cluster: Option<ClusterMetrics>,
+    cache: CacheMetrics,
+}
+
+/// The response cache's figures, as a scrape reads them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheFigures {
+    pub hits: u64,
+    pub misses: u64,
+    pub bypasses: u64,
+    pub stale: u64,
+    pub collapsed: u64,
+    pub evictions: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    result: &'static str,
+}
+
+/// Metrics of the response cache; the cache keeps its own counters and a scrape copies them.
+#[derive(Debug, Default)]
+struct CacheMetrics {
+    answers: Family<CacheLabels, Counter>,
+    evictions: Counter,
+    entries: Gauge,
+    bytes: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,8 +205,30 @@ impl Metrics {
             broken_bodies.clone(),
         );
         let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
+        let cache = CacheMetrics::default();
+        registry.register(
+            "cache_requests",
+            "Cacheable-or-not requests by how the cache answered: hit, miss, bypass, stale, collapsed (a miss that waited for another's fill: an upstream request saved)",
+            cache.answers.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Entries evicted to keep the cache within cache.max_size",
+            cache.evictions.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Entries in the response cache",
+            cache.entries.clone(),
+        );
+        registry.register(
+            "cache_size_bytes",
+            "Bytes held by the response cache (bodies, headers and bookkeeping)",
+            cache.bytes.clone(),
+        );
         Self {
             cluster,
+            cache,
             registry,
             requests,
             key_requests,
@@ -243,7 +293,11 @@ impl Metrics {
         active_buckets: usize,
         broken_bodies: u64,
         cluster: Option<Figures>,
+        cache: Option<CacheFigures>,
     ) -> String {
+        if let Some(figures) = cache {
+            self.cache.set(&figures);
+        }
         if let (Some(metrics), Some(figures)) = (&self.cluster, cluster) {
             metrics.set(&figures);
         }
@@ -262,6 +316,32 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl CacheMetrics {
+    fn set(&self, f: &CacheFigures) {
+        for (result, value) in [
+            ("hit", f.hits),
+            ("miss", f.misses),
+            ("bypass", f.bypasses),
+            ("stale", f.stale),
+            ("collapsed", f.collapsed),
+        ] {
+            catch_up(&self.answers.get_or_create(&CacheLabels { result }), value);
+        }
+        catch_up(&self.evictions, f.evictions);
+        self.entries
+            .set(i64::try_from(f.entries).unwrap_or(i64::MAX));
+        self.bytes.set(i64::try_from(f.bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// Moves a counter up to `value` (the source's counters only grow).
+fn catch_up(counter: &Counter, value: u64) {
+    let seen = counter.get();
+    if value > seen {
+        counter.inc_by(value - seen);
     }
 }
 
@@ -311,12 +391,6 @@ impl ClusterMetrics {
 
     /// Copies the budget's counters (they only grow) into the registry's.
     fn set(&self, f: &Figures) {
-        let catch_up = |counter: &Counter, value: u64| {
-            let seen = counter.get();
-            if value > seen {
-                counter.inc_by(value - seen);
-            }
-        };
         let (shared, local) = if f.shared { (1, 0) } else { (0, 1) };
         self.mode
             .get_or_create(&ModeLabels { mode: "shared" })
@@ -360,7 +434,7 @@ mod tests {
         m.record_request(Outcome::Forwarded, None, Some("web"));
         m.record_request(Outcome::UpstreamError, Some(43), None);
         m.record_upstream_latency(Duration::from_millis(12));
-        let text = m.render(3, 7, 1, None);
+        let text = m.render(3, 7, 1, None, None);
         assert!(
             text.contains(r#"tmdb_proxy_requests_total{outcome="forwarded",code=""} 1"#),
             "{text}"

@@ -258,6 +258,7 @@ async fn reload_applies_a_lower_limit_on_an_open_keep_alive_connection() {
     let base = "[limit]\nmode = \"reject\"\nrequests_per_second = ";
     let mut env = HashMap::new();
     env.insert("TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(), sim.url());
+    env.insert("TMDB_PROXY__CACHE__ENABLED".to_owned(), "false".to_owned());
     let proxy = spawn_proxy(&format!("{base}5\n"), &sim.url()).await;
 
     // One HTTP/1.1 connection for the whole test.
@@ -288,7 +289,8 @@ async fn a_reload_with_broken_tls_files_is_refused_whole() {
     let (junk, file) = (dir.join("junk.pem"), dir.join("tmdb-proxy.toml"));
     std::fs::write(&junk, "not PEM\n").unwrap();
     let lower = format!(
-        "[upstream]\nbase_url = \"{}\"\n[limit]\nrequests_per_second = 1\nmode = \"reject\"\n",
+        "[upstream]\nbase_url = \"{}\"\n[limit]\nrequests_per_second = 1\nmode = \"reject\"\n\
+         [cache]\nenabled = false\n",
         harness.sim.url()
     );
     let tls = format!(

@@ -151,8 +151,15 @@ impl Process {
     }
 }
 
+/// A config file's text for `sim`, with `extra`; the response cache is off unless `extra` has a
+/// `[cache]` section (these tests count what reaches the stand-in).
 fn config_for(sim: &tmdb_proxy::sim::Sim, extra: &str) -> String {
-    format!("[upstream]\nbase_url = \"{}\"\n{extra}", sim.url())
+    let cache = if extra.contains("[cache]") {
+        ""
+    } else {
+        "\n[cache]\nenabled = false\n"
+    };
+    format!("[upstream]\nbase_url = \"{}\"\n{extra}{cache}", sim.url())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

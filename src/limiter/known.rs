@@ -43,6 +43,18 @@ impl KnownKeys {
         self.seen.insert(key, now);
     }
 
+    /// Whether `key` had a success within `ttl` before `now`.
+    pub fn is_known_within(&self, key: Key, now: Instant, ttl: std::time::Duration) -> bool {
+        self.seen
+            .get(&key)
+            .is_some_and(|at| now.saturating_duration_since(*at) < ttl)
+    }
+
+    /// The upstream refused `key` (401): it is not known any more.
+    pub fn forget(&self, key: Key) {
+        self.seen.remove(&key);
+    }
+
     /// Whether `key` had a success within the TTL before `now`.
     pub fn is_known(&self, key: Key, now: Instant) -> bool {
         self.seen

@@ -105,6 +105,16 @@ impl Admission {
         self.known.note_success(key, Instant::now());
     }
 
+    /// Whether `key` had a success from the upstream within `ttl` (it may read the cache).
+    pub fn is_known_within(&self, key: Key, ttl: std::time::Duration) -> bool {
+        self.known.is_known_within(key, Instant::now(), ttl)
+    }
+
+    /// The upstream answered `key` with 401: it is not known any more.
+    pub fn forget(&self, key: Key) {
+        self.known.forget(key);
+    }
+
     /// The key's standing now, without spending (for requests refused before admission).
     pub fn standing(&self, key: Key) -> RateState {
         self.budget.peek(key, Instant::now())

@@ -63,6 +63,8 @@ pub struct RequestCtx {
     pub upstream_429: Option<Duration>,
     /// What the answer's `Access-Control-Allow-Origin` says.
     pub cors: Cors,
+    /// How the cache took part: its `X-Cache` and `Cache-Status` (none without a cache).
+    pub cache: Option<(&'static str, String)>,
 }
 
 impl RequestCtx {
@@ -81,6 +83,7 @@ impl RequestCtx {
             upstream_answered: false,
             upstream_429: None,
             cors: Cors::Any,
+            cache: None,
         }
     }
 }

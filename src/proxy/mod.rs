@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod body;
+mod cached;
 pub mod ctx;
 pub mod guard;
 pub mod headers;
@@ -30,6 +31,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::cache;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::limiter::{Budget, Grant, Key, LocalBudget, Mode, Policy, Reason, SharedBudget};
@@ -40,7 +42,7 @@ use crate::upstream::{BoxError, BuildError, Dialer, Lease, Sent, UpstreamBody, U
 use admission::Admission;
 pub use body::ProxyBody;
 pub use ctx::RequestCtx;
-use ctx::{Source, budget_key};
+use ctx::{Identity, Source, budget_key};
 use headers::X_REQUEST_ID;
 use settings::Settings;
 
@@ -193,6 +195,12 @@ impl Proxy {
                 .budget()
                 .shared()
                 .map(SharedBudget::figures),
+            shared
+                .settings
+                .load()
+                .cache
+                .as_ref()
+                .map(|cache| cache.figures()),
         )
     }
 
@@ -212,6 +220,26 @@ impl Proxy {
             ),
             Some(Mode::Local) => (true, "ready\nbudget: local (Redis does not answer)\n"),
         }
+    }
+
+    /// Empties the response cache of entries whose key starts with `prefix` (a path such as
+    /// `/3/movie/550`; `""` for all); returns how many were removed.
+    pub fn purge_cache(&self, prefix: &str) -> u64 {
+        let settings = self.shared.settings.load();
+        settings
+            .cache
+            .as_ref()
+            .map_or(0, |cache| cache.purge(prefix))
+    }
+
+    /// Entries in the response cache and their bytes (`None` without a cache).
+    pub fn cache_size(&self) -> Option<(u64, u64)> {
+        self.shared
+            .settings
+            .load()
+            .cache
+            .as_ref()
+            .map(|cache| cache.size())
     }
 
     /// Whether the proxy takes new work (false once draining).
@@ -265,7 +293,7 @@ impl Proxy {
     /// `ctx`; the first that fails ends the request with its error.
     async fn process<B>(
         &self,
-        settings: &Settings,
+        settings: &Arc<Settings>,
         req: Request<B>,
         client: SocketAddr,
         ctx: &mut RequestCtx,
@@ -274,7 +302,7 @@ impl Proxy {
         B: Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         phases::check_size(&parts, settings.max_header_bytes)?;
         if headers::is_preflight(&parts.method, &parts.headers) {
             ctx.preflight = true;
@@ -285,7 +313,7 @@ impl Proxy {
         }
         // request_filter: never forwarded, ambiguous, whose budget, what TMDB would refuse. The
         // query is split once, here, and read by every step that needs it.
-        let (identity, target) = {
+        let (identity, target, cache_key) = {
             let query = Query::parse(parts.uri.query());
             phases::check_target(&parts, &settings.rules)?;
             phases::check_credentials(&query, &parts.headers)?;
@@ -298,8 +326,19 @@ impl Proxy {
             phases::check_query(&query, settings.rules.savers)?;
             let default_key = settings.default_key.as_ref();
             let target = phases::upstream_target(&parts.uri, &query, identity, default_key);
-            (identity, target)
+            let cache_key = settings.cache.as_ref().map(|cache| {
+                let honor = cache.config().honor_client_no_cache;
+                cache::rules::key(
+                    &parts.method,
+                    parts.uri.path(),
+                    &query,
+                    &parts.headers,
+                    honor,
+                )
+            });
+            (identity, target, cache_key)
         };
+        let plan = cached::plan(settings, cache_key, &mut parts, ctx);
         // Read whole before it may spend a token or hold an upstream connection.
         let body_by = ctx.started + settings.body_timeout;
         let body =
@@ -307,6 +346,26 @@ impl Proxy {
                 .await?;
         let upstream_req =
             phases::upstream_request(parts, body, target, &settings.rules.upstream, client.ip())?;
+        match plan {
+            Some(plan) => {
+                self.through_cache(settings, plan, identity, upstream_req, ctx)
+                    .await
+            }
+            None => {
+                self.send_through(settings, identity, upstream_req, ctx)
+                    .await
+            }
+        }
+    }
+
+    /// Admits the request (token, then connection), sends it and passes on the answer.
+    async fn send_through(
+        &self,
+        settings: &Settings,
+        identity: Identity,
+        upstream_req: Request<UpstreamBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let admission = &self.shared.admission;
         let (lease, deadline, grant) = admission
             .admit(identity.key, settings.max_wait, &settings.upstream, ctx)
@@ -414,6 +473,15 @@ impl Proxy {
         }
         headers::insert_cors(out, &ctx.cors);
         out.insert(X_REQUEST_ID, ctx.id.clone());
+        if let Some((x_cache, cache_status)) = &ctx.cache {
+            cache::status_headers(out, x_cache, cache_status);
+        }
+        // TMDB refused the key: it may not read the cache any more.
+        if let (true, StatusCode::UNAUTHORIZED, Some(key)) =
+            (ctx.upstream_answered, status, ctx.key)
+        {
+            self.shared.admission.forget(key);
+        }
 
         if let (true, Some(key)) = (ctx.upstream_answered && status.is_success(), ctx.key) {
             self.shared.admission.succeeded(key);

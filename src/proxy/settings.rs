@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use crate::cache::Cache;
 use crate::config::{Config, Secret, UpstreamConfig};
 use crate::limiter::Key;
 use crate::upstream::{BuildError, Dialer, Upstream};
@@ -38,6 +39,8 @@ pub(super) struct Settings {
     pub(super) guard: Option<Guard>,
     /// Alias of each key named in `[keys.aliases]`: the only per-key metric label.
     pub(super) aliases: HashMap<Key, Arc<str>>,
+    /// The response cache (kept across reloads that leave `[cache]` alone).
+    pub(super) cache: Option<Arc<Cache>>,
 }
 
 impl Settings {
@@ -89,6 +92,11 @@ impl Settings {
             guard: default_key.as_ref().map(|_| Guard::new(&cfg.server)),
             default_key,
             aliases,
+            cache: match current.and_then(|c| c.cache.as_ref()) {
+                _ if !cfg.cache.enabled => None,
+                Some(cache) if cache.config() == &cfg.cache => Some(cache.clone()),
+                _ => Some(Cache::new(&cfg.cache)),
+            },
         })
     }
 

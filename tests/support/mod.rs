@@ -55,13 +55,17 @@ impl Drop for Running {
 }
 
 /// Parses `toml` with `base_url` pointed at `upstream` (environment overrides injected, never
-/// read from the process).
+/// read from the process). The response cache is off unless `toml` has a `[cache]` section:
+/// tests of everything else count the requests that reach the stand-in.
 pub fn config(toml: &str, upstream: &str) -> Config {
     let mut env = HashMap::new();
     env.insert(
         "TMDB_PROXY__UPSTREAM__BASE_URL".to_owned(),
         upstream.to_owned(),
     );
+    if !toml.contains("[cache]") {
+        env.insert("TMDB_PROXY__CACHE__ENABLED".to_owned(), "false".to_owned());
+    }
     Config::from_toml_with_env(toml, Some(env)).expect("test config is valid")
 }
 

@@ -1,0 +1,307 @@
+//! The response cache, in-process on paused time against the stand-in: hits, sharing between
+//! keys, what never hits, coalescing, errors, stale answers, TTLs, the byte bound, purge.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tmdb_proxy::sim::{Route, Sim};
+
+const ON: &str = "[cache]\nenabled = true\n";
+
+fn hits_of(harness: &InProcess, path: &str) -> usize {
+    harness
+        .sim
+        .arrivals()
+        .iter()
+        .filter(|a| a.path == path)
+        .count()
+}
+
+fn cache_headers(reply: &Reply) -> (String, String) {
+    let h = |n: &str| reply.header(n).unwrap_or("-").to_owned();
+    (h("x-cache"), h("cache-status"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeat_is_answered_from_memory_byte_for_byte_with_its_age() {
+    let harness = InProcess::new(ON, sim().await);
+    let first = harness.get("/3/movie/550?api_key=A&language=en").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        cache_headers(&first),
+        ("MISS".into(), "tmdb-proxy; fwd=miss; stored".into())
+    );
+    tokio::time::advance(Duration::from_secs(7)).await;
+    // The same request, its pairs in another order.
+    let second = harness.get("/3/movie/550?language=en&api_key=A").await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, first.body, "byte-identical");
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        second.header("cache-status"),
+        Some("tmdb-proxy; hit; ttl=53")
+    );
+    assert_eq!(second.header("age"), Some("7"));
+    assert!(
+        second.header("ratelimit").is_some(),
+        "a keyed answer still says the key's standing"
+    );
+    assert_eq!(hits_of(&harness, "/3/movie/550"), 1);
+    let metrics = harness.proxy.render_metrics();
+    for line in [
+        "tmdb_proxy_cache_requests_total{result=\"hit\"} 1",
+        "tmdb_proxy_cache_requests_total{result=\"miss\"} 1",
+        "tmdb_proxy_cache_entries 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn different_known_keys_share_a_public_entry_and_unknown_keys_go_upstream() {
+    let harness = InProcess::new(ON, sim().await);
+    assert_eq!(harness.get("/3/movie/1?api_key=A").await.status, 200);
+    // B is known once TMDB has answered it with success once.
+    assert_eq!(harness.get("/3/movie/2?api_key=B").await.status, 200);
+    let shared = harness.get("/3/movie/1?api_key=B").await;
+    assert_eq!(shared.header("x-cache"), Some("HIT"));
+    assert_eq!(hits_of(&harness, "/3/movie/1"), 1);
+    // A key TMDB has never answered reads nothing from the cache: its request goes upstream.
+    let stranger = harness.get("/3/movie/1?api_key=NEVER_SEEN").await;
+    assert_eq!(stranger.header("x-cache"), Some("MISS"));
+    assert_eq!(harness.arrivals_of("NEVER_SEEN").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn private_requests_never_hit() {
+    let harness = InProcess::new(ON, sim().await);
+    assert_eq!(harness.get("/3/movie/9?api_key=A").await.status, 200);
+    for target in [
+        "/3/movie/550?api_key=A&session_id=S",
+        "/3/account/1?api_key=A",
+        "/4/list/1?api_key=A",
+        "/3/movie/550/account_states?api_key=A",
+    ] {
+        for round in 0..2 {
+            let reply = harness.get(target).await;
+            assert_eq!(
+                reply.header("x-cache"),
+                Some("BYPASS"),
+                "{target} round {round}"
+            );
+            assert_eq!(reply.header("cache-status"), Some("tmdb-proxy; fwd=bypass"));
+        }
+    }
+    let path = |p: &str| hits_of(&harness, p);
+    assert_eq!(
+        (
+            path("/3/movie/550"),
+            path("/3/account/1"),
+            path("/4/list/1")
+        ),
+        (2, 2, 2)
+    );
+    let post = http::Request::post("/3/movie/550/rating?api_key=A")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(harness.call(post).await.header("x-cache"), Some("BYPASS"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_identical_misses_make_one_upstream_request() {
+    let harness = InProcess::new(
+        ON,
+        sim_with(Sim::builder().latency(Duration::from_millis(50))).await,
+    );
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    let waiting: Vec<_> = (0..100)
+        .map(|_| harness.spawn_get("/3/movie/77?api_key=A"))
+        .collect();
+    let mut collapsed = 0;
+    let mut bodies = std::collections::HashSet::new();
+    for reply in waiting {
+        let reply = reply.await.unwrap();
+        assert_eq!(reply.status, 200);
+        bodies.insert(reply.body.clone());
+        if reply.header("cache-status") == Some("tmdb-proxy; fwd=miss; collapsed") {
+            collapsed += 1;
+        }
+    }
+    assert_eq!(hits_of(&harness, "/3/movie/77"), 1);
+    assert_eq!(bodies.len(), 1, "every waiter got the same full answer");
+    assert_eq!(collapsed, 99);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_upstream_gives_every_waiter_the_same_tmdb_error_and_stores_nothing() {
+    let sim = sim_with(Sim::builder().latency(Duration::from_millis(50)).route(
+        "/3/movie/66",
+        Route::with_headers(
+            502,
+            &[
+                ("content-type", "text/html"),
+                ("cache-control", "public, max-age=300"),
+            ],
+            "<html>edge</html>",
+        ),
+    ))
+    .await;
+    let harness = InProcess::new(ON, sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    let waiting: Vec<_> = (0..100)
+        .map(|_| harness.spawn_get("/3/movie/66?api_key=A"))
+        .collect();
+    let mut answers = std::collections::HashSet::new();
+    for reply in waiting {
+        let reply = reply.await.unwrap();
+        answers.insert((reply.status.as_u16(), reply.body.clone()));
+    }
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let (status, body) = answers.into_iter().next().unwrap();
+    assert_eq!(status, 502);
+    assert!(
+        std::str::from_utf8(&body)
+            .unwrap()
+            .contains(r#""status_code":"#)
+    );
+    assert_eq!(hits_of(&harness, "/3/movie/66"), 1);
+    // Not stored: the next request goes upstream again.
+    harness.get("/3/movie/66?api_key=A").await;
+    assert_eq!(hits_of(&harness, "/3/movie/66"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_over_its_limit_gets_a_stale_copy_instead_of_429() {
+    let toml = "[limit]\nrequests_per_second = 1\nmode = \"reject\"\n\
+                [cache]\nmin_ttl = \"1s\"\nmax_ttl = \"1s\"\nstale_if_error = \"1h\"\n";
+    let harness = InProcess::new(toml, sim().await);
+    let fresh = harness.get("/3/movie/5?api_key=A").await;
+    assert_eq!(fresh.header("x-cache"), Some("MISS"));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // The key spends its one token on another path, then asks for the expired entry.
+    assert_eq!(harness.get("/3/movie/6?api_key=A").await.status, 200);
+    let stale = harness.get("/3/movie/5?api_key=A").await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.body, fresh.body);
+    assert_eq!(
+        cache_headers(&stale),
+        (
+            "STALE".into(),
+            "tmdb-proxy; fwd=stale; fwd-status=429".into()
+        )
+    );
+    assert_eq!(stale.header("age"), Some("2"));
+    assert_eq!(hits_of(&harness, "/3/movie/5"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn freshness_has_a_floor_a_class_ceiling_and_an_end() {
+    let sim = sim_with(
+        Sim::builder()
+            .route(
+                "/3/search/movie",
+                Route::with_headers(
+                    200,
+                    &[
+                        ("content-type", "application/json"),
+                        ("cache-control", "public, max-age=99999"),
+                    ],
+                    "{\"results\":[]}",
+                ),
+            )
+            .route(
+                "/3/movie/3",
+                Route::with_headers(
+                    200,
+                    &[
+                        ("content-type", "application/json"),
+                        ("cache-control", "public, max-age=0"),
+                    ],
+                    "{\"id\":3}",
+                ),
+            ),
+    )
+    .await;
+    let harness = InProcess::new(ON, sim);
+    let status = |r: &Reply| r.header("x-cache").unwrap_or("-").to_owned();
+    harness.get("/3/movie/3?api_key=A").await;
+    harness.get("/3/search/movie?api_key=A&query=x").await;
+    // max-age=0 on public data: kept for min_ttl (60 s).
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(status(&harness.get("/3/movie/3?api_key=A").await), "HIT");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(status(&harness.get("/3/movie/3?api_key=A").await), "MISS");
+    // A search is kept 10 minutes at most, whatever TMDB says.
+    tokio::time::advance(Duration::from_secs(9 * 60 - 61 + 58)).await;
+    assert_eq!(
+        status(&harness.get("/3/search/movie?query=x&api_key=A").await),
+        "HIT"
+    );
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(
+        status(&harness.get("/3/search/movie?query=x&api_key=A").await),
+        "MISS"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_byte_bound_holds_after_filling_past_it() {
+    let toml = "[cache]\nmax_size = \"64KiB\"\nmax_object_size = \"8KiB\"\n";
+    let harness = InProcess::new(toml, sim().await);
+    for id in 0..300 {
+        assert_eq!(
+            harness
+                .get(&format!("/3/movie/{id}?api_key=A"))
+                .await
+                .status,
+            200
+        );
+    }
+    let (entries, bytes) = harness.proxy.cache_size().unwrap();
+    assert!(bytes <= 64 * 1024, "{bytes} bytes in {entries} entries");
+    assert!(entries > 10, "{entries} entries");
+}
+
+#[tokio::test(start_paused = true)]
+async fn purge_empties_the_cache_or_a_prefix_of_it() {
+    let harness = InProcess::new(ON, sim().await);
+    for target in [
+        "/3/movie/550",
+        "/3/movie/550/credits",
+        "/3/movie/551",
+        "/3/tv/1",
+    ] {
+        harness.get(&format!("{target}?api_key=A")).await;
+    }
+    assert_eq!(harness.proxy.cache_size().unwrap().0, 4);
+    assert_eq!(harness.proxy.purge_cache("/3/movie/550"), 2);
+    assert_eq!(
+        harness
+            .get("/3/movie/550?api_key=A")
+            .await
+            .header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(
+        harness
+            .get("/3/movie/551?api_key=A")
+            .await
+            .header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(harness.proxy.purge_cache(""), 3);
+    assert_eq!(harness.proxy.cache_size().unwrap().0, 0);
+    // Over the admin listener: POST only, with the count removed.
+    let purge = http::Request::post("/cache/purge?prefix=/3/tv")
+        .body(())
+        .unwrap();
+    let answer = tmdb_proxy::admin::answer(&harness.proxy, &purge);
+    assert_eq!(answer.status(), 200);
+    let get = http::Request::get("/cache/purge").body(()).unwrap();
+    assert_eq!(
+        tmdb_proxy::admin::answer(&harness.proxy, &get).status(),
+        405
+    );
+}
