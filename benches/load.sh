@@ -29,14 +29,19 @@ sim_port=$(free_port)
 pids+=($!)
 wait_port "$sim_port"
 
+# The cache is off: every request is proxied, as nginx's are (its hit path is benches/cache.rs).
 start_proxy ./target/release/tmdb-proxy proxied "$UPSTREAM_CONNS" "[limit]
 requests_per_second = 1000000
-mode = \"reject\""
+mode = \"reject\"
+[cache]
+enabled = false"
 proxied_pid=$proxy_pid
 proxied_port=$proxy_port
 start_proxy ./target/release/tmdb-proxy limited "$UPSTREAM_CONNS" "[limit]
 requests_per_second = 50
-mode = \"reject\""
+mode = \"reject\"
+[cache]
+enabled = false"
 limited_port=$proxy_port
 
 nginx_port=""
