@@ -1,5 +1,6 @@
 //! The admin listener, on its own address: `GET /healthz` (the process is alive), `GET /readyz`
-//! (configured and listening; 503 while draining), `GET /metrics` (Prometheus text format).
+//! (configured and listening; 503 while draining), `GET /metrics` (Prometheus text format),
+//! `POST /cache/purge[?prefix=...]` (empties the response cache, or part of it).
 //!
 //! Kept apart from the client listener so probes and scrapes never queue behind client traffic and
 //! the admin port can stay on loopback or a pod-internal address.

@@ -305,3 +305,48 @@ async fn purge_empties_the_cache_or_a_prefix_of_it() {
         405
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_head_is_answered_from_the_get_entry() {
+    let harness = InProcess::new(ON, sim().await);
+    let get = harness.get("/3/movie/8?api_key=A").await;
+    let head = http::Request::head("/3/movie/8?api_key=A")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let head = harness.call(head).await;
+    assert_eq!(head.header("x-cache"), Some("HIT"));
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length"),
+        Some(get.body.len().to_string().as_str())
+    );
+    assert_eq!(hits_of(&harness, "/3/movie/8"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_goes_away_leaves_the_fill_to_the_others() {
+    let latency = Duration::from_millis(50);
+    let harness = InProcess::new(ON, sim_with(Sim::builder().latency(latency)).await);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    let leader = harness.spawn_get("/3/movie/40?api_key=A");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiters: Vec<_> = (0..5)
+        .map(|_| harness.spawn_get("/3/movie/40?api_key=A"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    leader.abort();
+    for waiter in waiters {
+        let reply = waiter.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("cache-status"),
+            Some("tmdb-proxy; fwd=miss; collapsed")
+        );
+    }
+    assert_eq!(hits_of(&harness, "/3/movie/40"), 1);
+    // And the answer was stored.
+    assert_eq!(
+        harness.get("/3/movie/40?api_key=A").await.header("x-cache"),
+        Some("HIT")
+    );
+}
