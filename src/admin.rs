@@ -112,6 +112,14 @@ fn purge<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     let query = crate::tmdb::Query::parse(req.uri().query());
     let prefix = query.values("prefix").next().unwrap_or("").to_owned();
+    // Only `prefix`, and not empty: a typo must not empty the whole cache.
+    let other = query.pairs().iter().any(|p| p.name != "prefix");
+    if other || (req.uri().query().is_some() && prefix.is_empty()) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "POST /cache/purge empties the cache; ?prefix=/3/... only part of it\n",
+        );
+    }
     let removed = proxy.purge_cache(&prefix);
     let mut response = Response::new(Full::new(Bytes::from(format!(
         "{{\"removed\":{removed}}}\n"

@@ -350,3 +350,53 @@ async fn a_leader_that_goes_away_leaves_the_fill_to_the_others() {
         Some("HIT")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_breaks_is_never_stored() {
+    let sim = sim_with(Sim::builder().fault(
+        "/3/movie/13",
+        tmdb_proxy::sim::Fault::BreakBody { length: 2000 },
+    ))
+    .await;
+    let harness = InProcess::new(ON, sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    for round in 1..=2 {
+        let reply = harness.get("/3/movie/13?api_key=A").await;
+        assert_eq!(reply.status, 502, "round {round}");
+        assert!(
+            reply.text().contains(r#""status_code":43"#),
+            "{}",
+            reply.text()
+        );
+        assert_eq!(
+            hits_of(&harness, "/3/movie/13"),
+            round,
+            "nothing was stored"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_about_the_leaders_key_is_not_handed_to_the_waiters() {
+    let sim = sim_with(
+        Sim::builder()
+            .latency(Duration::from_millis(50))
+            .route("/3/movie/401", Route::json(401, r#"{"success":false,"status_code":7,"status_message":"Invalid API key: You must be granted a valid key."}"#)),
+    )
+    .await;
+    let harness = InProcess::new(ON, sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    let waiting: Vec<_> = (0..5)
+        .map(|_| harness.spawn_get("/3/movie/401?api_key=A"))
+        .collect();
+    for reply in waiting {
+        let reply = reply.await.unwrap();
+        assert_eq!(reply.status, 401);
+        assert_ne!(
+            reply.header("cache-status"),
+            Some("tmdb-proxy; fwd=miss; collapsed")
+        );
+    }
+    // Each asked on its own: a 401 says something about a key, not about the data.
+    assert_eq!(hits_of(&harness, "/3/movie/401"), 5);
+}

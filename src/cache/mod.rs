@@ -48,7 +48,9 @@ pub struct Entry {
 impl Entry {
     /// `Age` at `now`, in whole seconds.
     pub fn age(&self, now: Instant) -> u64 {
-        (self.upstream_age + now.saturating_duration_since(self.stored_at)).as_secs()
+        (self.upstream_age)
+            .saturating_add(now.saturating_duration_since(self.stored_at))
+            .as_secs()
     }
 
     pub fn is_fresh(&self, now: Instant) -> bool {
@@ -77,8 +79,11 @@ pub struct Filled {
     pub stored: bool,
     /// Whether the upstream answered (a failure before that is an error the proxy wrote).
     pub upstream_answered: bool,
-    /// The key's rate-limit standing after the fill, for the answer's headers.
+    /// The key's rate-limit standing after the fill, for the leader's answer's headers.
     pub rate: Option<crate::limiter::RateState>,
+    /// The same for every key, so waiters of other keys may have it (TMDB's data and its
+    /// failures; not a 401, 403 or 429 about the leader's key, nor a 304 or 206).
+    pub shareable: bool,
 }
 
 impl Filled {
@@ -230,7 +235,8 @@ impl Cache {
             .get(http::header::AGE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(Duration::ZERO, Duration::from_secs);
+            .map_or(Duration::ZERO, Duration::from_secs)
+            .min(self.cfg.max_ttl);
         let entry = Entry {
             status,
             headers: stored_headers(headers),
@@ -286,7 +292,7 @@ impl Cache {
 
 /// The headers kept with an entry: the upstream's, less those that belong to one answer
 /// (hop-by-hop, cookies, TMDB's CDN `X-Cache` and `Age`, rate-limit fields, the request id).
-fn stored_headers(headers: &HeaderMap) -> HeaderMap {
+pub fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     const DROPPED: &[&str] = &[
         "connection",
         "keep-alive",
@@ -306,6 +312,9 @@ fn stored_headers(headers: &HeaderMap) -> HeaderMap {
         "access-control-allow-origin",
         "access-control-expose-headers",
         "vary",
+        // They may repeat the filling request's query, api_key included.
+        "location",
+        "content-location",
     ];
     let mut kept = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {

@@ -53,7 +53,9 @@ pub fn key(
     if method != Method::GET && method != Method::HEAD {
         return Err(Bypass::Method);
     }
-    if path.starts_with("/4/") || path == "/4" {
+    // A percent-encoded path could hide a private segment from the check below (TMDB decodes
+    // paths): such requests are not cached at all.
+    if path.starts_with("/4/") || path == "/4" || path.contains('%') {
         return Err(Bypass::PrivatePath);
     }
     let lower = path.to_ascii_lowercase();
@@ -65,6 +67,10 @@ pub fn key(
     }
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     for pair in query.pairs() {
+        // `;` may separate pairs for the upstream: a pair hiding another is not cached.
+        if pair.raw.contains(';') {
+            return Err(Bypass::Session);
+        }
         match pair.name.as_ref() {
             "api_key" => continue,
             "session_id" | "guest_session_id" => return Err(Bypass::Session),
@@ -276,6 +282,14 @@ mod tests {
                 "/3/guest_session/G/rated/movies",
                 Bypass::PrivatePath,
             ),
+            (
+                Method::GET,
+                "/3/%67uest_session/G/rated/movies",
+                Bypass::PrivatePath,
+            ),
+            (Method::GET, "/3/ACCOUNT/1", Bypass::PrivatePath),
+            (Method::GET, "/3/movie/1?x=1;session_id=S", Bypass::Session),
+            (Method::GET, "/3/movie/1?%73ession_id=S", Bypass::Session),
             (
                 Method::GET,
                 "/3/movie/550?append_to_response=videos,account_states",

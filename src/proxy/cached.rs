@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, AGE, CONTENT_ENCODING, CONTENT_LENGTH};
+use http::header::{ACCEPT_ENCODING, AGE, CONTENT_ENCODING, CONTENT_LENGTH, VARY};
 use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -18,7 +18,7 @@ use super::ctx::{Identity, RequestCtx};
 use super::settings::Settings;
 use crate::cache::{Bypass, Cache, Entry, Filled, FlightResult, Join, Leader};
 use crate::error::ProxyError;
-use crate::upstream::UpstreamBody;
+use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// A request the cache may answer.
 #[derive(Debug)]
@@ -51,6 +51,17 @@ pub(super) fn plan(
             let head = parts.method == Method::HEAD;
             if head {
                 parts.method = Method::GET;
+            }
+            // The fill's answer is shared whole: no request's conditions or ranges shape it.
+            for name in [
+                http::header::IF_NONE_MATCH,
+                http::header::IF_MODIFIED_SINCE,
+                http::header::IF_MATCH,
+                http::header::IF_UNMODIFIED_SINCE,
+                http::header::IF_RANGE,
+                http::header::RANGE,
+            ] {
+                parts.headers.remove(name);
             }
             Some(Plan {
                 cache: cache.clone(),
@@ -88,27 +99,33 @@ impl Proxy {
         }
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         if !known {
+            // Alone: it reads nothing, but a storable answer of TMDB's is stored.
             let response = self.send_through(settings, identity, req, ctx).await?;
             return Ok(
                 match read_whole(response, cache.config().max_object_size).await {
-                    Ok(filled) => {
-                        let stored = store(&cache, &plan, &filled);
+                    Whole::Read(filled) => {
+                        let stored = shareable(filled.status) && store(&cache, &plan, &filled);
                         ctx.cache = Some(("MISS", miss_status(stored, false)));
                         respond(&filled, &plan)
                     }
-                    Err(response) => {
+                    Whole::TooLarge(response) => {
                         ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
                         response
+                    }
+                    Whole::Broken(reason) => {
+                        return Err(ProxyError::Upstream(UpstreamError::Failed(reason)));
                     }
                 },
             );
         }
+        let stale = entry.filter(|e| !e.is_fresh(now));
         let mut req = Some(req);
         let (result, own, collapsed) = match (cache.join(&plan.key), req.take()) {
             (Join::Lead(leader, rx), Some(fill)) => {
                 let (own_tx, own_rx) = oneshot::channel();
                 self.spawn_fill(settings, &plan, leader, identity, fill, ctx, own_tx);
-                (wait(rx).await, Some(own_rx), false)
+                let result = wait(rx).await;
+                (result, own_rx.await.ok(), false)
             }
             (Join::Wait(rx), mine) => {
                 req = mine;
@@ -116,44 +133,74 @@ impl Proxy {
             }
             (Join::Lead(..), None) => (None, None, false),
         };
-        let Some(filled) = result else {
-            // Abandoned (an answer too large to share): the leader gets its own answer, and a
-            // waiter goes on its own.
-            if let Some(Ok(response)) = match own {
-                Some(rx) => Some(rx.await),
-                None => None,
-            } {
-                ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
-                return Ok(response);
+        ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
+        match (own, result) {
+            // The leader's own failure: a stale copy answers for it, else the error itself.
+            (Some(Own::Failed(error, (answered, rate))), _) => {
+                ctx.upstream_answered = answered;
+                ctx.rate = rate.or(ctx.rate);
+                let status = error.to_response().status().as_u16();
+                match stale_answer(&cache, stale.as_deref(), &plan, status, ctx) {
+                    Some(answer) => Ok(answer),
+                    None => Err(error),
+                }
             }
-            if let Some(req) = req {
-                ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
-                return self.send_through(settings, identity, req, ctx).await;
+            (Some(Own::TooLarge(response)), _) => Ok(response),
+            (None, Some(filled)) if collapsed && !filled.shareable => {
+                // About the leader's key or request, not this one's: it goes on its own.
+                let req = req.ok_or_else(no_answer)?;
+                self.on_its_own(settings, identity, req, stale.as_deref(), &plan, ctx)
+                    .await
             }
-            return Err(ProxyError::Upstream(
-                crate::upstream::UpstreamError::Failed(
-                    "the shared fill ended without an answer".into(),
-                ),
-            ));
-        };
-        ctx.rate = filled.rate.or(ctx.rate);
-        ctx.upstream_answered = filled.upstream_answered;
-        if filled.is_failure()
-            && let Some(stale) = entry.as_ref()
-        {
-            cache.stats.stale.fetch_add(1, Ordering::Relaxed);
-            let status = filled.status.as_u16();
-            ctx.cache = Some((
-                "STALE",
-                format!("tmdb-proxy; fwd=stale; fwd-status={status}"),
-            ));
-            return Ok(answer(stale, Instant::now(), &plan));
+            (_, Some(filled)) => {
+                if !collapsed {
+                    ctx.upstream_answered = filled.upstream_answered;
+                    ctx.rate = filled.rate.or(ctx.rate);
+                }
+                if filled.is_failure()
+                    && let Some(answer) =
+                        stale_answer(&cache, stale.as_deref(), &plan, filled.status.as_u16(), ctx)
+                {
+                    return Ok(answer);
+                }
+                ctx.cache = Some(("MISS", miss_status(filled.stored, collapsed)));
+                Ok(respond(&filled, &plan))
+            }
+            // Abandoned (an answer too large to share): a waiter goes on its own.
+            (None, None) => {
+                let req = req.ok_or_else(no_answer)?;
+                self.on_its_own(settings, identity, req, stale.as_deref(), &plan, ctx)
+                    .await
+            }
         }
-        ctx.cache = Some(("MISS", miss_status(filled.stored, collapsed)));
-        Ok(respond(&filled, &plan))
     }
 
-    /// Sends the fill in a task of its own, so a leader that goes away leaves only itself.
+    /// A waiter whose flight's answer was not for it: its own request, stale copy on failure.
+    async fn on_its_own(
+        &self,
+        settings: &Arc<Settings>,
+        identity: Identity,
+        req: Request<UpstreamBody>,
+        stale: Option<&Entry>,
+        plan: &Plan,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
+        match self.send_through(settings, identity, req, ctx).await {
+            Ok(response) => Ok(response),
+            Err(error) => {
+                let status = error.to_response().status().as_u16();
+                match stale_answer(&plan.cache, stale, plan, status, ctx) {
+                    Some(answer) => Ok(answer),
+                    None => Err(error),
+                }
+            }
+        }
+    }
+
+    /// Sends the fill in a task of its own, so a leader that goes away leaves only itself. The
+    /// leader's own outcome (an error, with its kind, or an answer too large to share) also goes
+    /// to it through `own`, before the flight's result is published.
     #[allow(clippy::too_many_arguments)]
     fn spawn_fill(
         &self,
@@ -163,7 +210,7 @@ impl Proxy {
         identity: Identity,
         req: Request<UpstreamBody>,
         ctx: &RequestCtx,
-        own: oneshot::Sender<Response<ProxyBody>>,
+        own: oneshot::Sender<Own>,
     ) {
         let (proxy, settings) = (self.clone(), settings.clone());
         let (cache, key, path) = (plan.cache.clone(), plan.key.clone(), plan.path.clone());
@@ -180,24 +227,95 @@ impl Proxy {
             let result = proxy
                 .send_through(&settings, identity, req, &mut fill_ctx)
                 .await;
+            let answered = (fill_ctx.upstream_answered, fill_ctx.rate);
             let response = match result {
                 Ok(response) => response,
-                Err(error) => error.to_response().map(ProxyBody::full),
+                Err(error) => {
+                    // Written by the proxy: never stored. Waiters get the same body when the
+                    // failure is the upstream's; a refusal of the leader's key is its own.
+                    let body = error.to_response();
+                    let filled = Filled {
+                        status: body.status(),
+                        headers: body.headers().clone(),
+                        body: body.body().clone(),
+                        stored: false,
+                        upstream_answered: answered.0,
+                        rate: answered.1,
+                        shareable: !matches!(error, ProxyError::RateLimited(_)),
+                    };
+                    let _ = own.send(Own::Failed(error, answered));
+                    leader.publish(filled);
+                    return;
+                }
             };
             match read_whole(response, cache.config().max_object_size).await {
-                Ok(mut filled) => {
-                    filled.upstream_answered = fill_ctx.upstream_answered;
-                    filled.rate = fill_ctx.rate;
-                    filled.stored = store(&cache, &plan, &filled);
+                Whole::Read(mut filled) => {
+                    filled.upstream_answered = answered.0;
+                    filled.rate = answered.1;
+                    filled.shareable = shareable(filled.status);
+                    filled.stored = filled.shareable && store(&cache, &plan, &filled);
                     leader.publish(filled);
                 }
-                Err(response) => {
+                Whole::TooLarge(response) => {
+                    let _ = own.send(Own::TooLarge(response));
                     drop(leader);
-                    let _ = own.send(response);
+                }
+                Whole::Broken(reason) => {
+                    let error = ProxyError::Upstream(UpstreamError::Failed(reason));
+                    let body = error.to_response();
+                    let _ = own.send(Own::Failed(error, answered));
+                    leader.publish(Filled {
+                        status: body.status(),
+                        headers: body.headers().clone(),
+                        body: body.body().clone(),
+                        stored: false,
+                        upstream_answered: answered.0,
+                        rate: answered.1,
+                        shareable: true,
+                    });
                 }
             }
         });
     }
+}
+
+/// What only the leader's client gets: its own error (the metric and log line say what it was),
+/// or an answer too large to share.
+#[derive(Debug)]
+pub(super) enum Own {
+    Failed(ProxyError, (bool, Option<crate::limiter::RateState>)),
+    TooLarge(Response<ProxyBody>),
+}
+
+/// Whether an answer is the same for every key, so waiters of other keys may have it: TMDB's
+/// data (200, 404) and its failures (5xx). A 401, 403 or 429 is about the leader's key; a 304
+/// or 206 about its request.
+fn shareable(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 200 | 404) || status.is_server_error()
+}
+
+/// The stale copy's answer instead of a failure with `status` (5xx or 429), if there is one.
+fn stale_answer(
+    cache: &Cache,
+    stale: Option<&Entry>,
+    plan: &Plan,
+    status: u16,
+    ctx: &mut RequestCtx,
+) -> Option<Response<ProxyBody>> {
+    let failure = status >= 500 || status == 429;
+    let stale = stale.filter(|_| failure)?;
+    cache.stats.stale.fetch_add(1, Ordering::Relaxed);
+    ctx.cache = Some((
+        "STALE",
+        format!("tmdb-proxy; fwd=stale; fwd-status={status}"),
+    ));
+    Some(answer(stale, Instant::now(), plan))
+}
+
+fn no_answer() -> ProxyError {
+    ProxyError::Upstream(UpstreamError::Failed(
+        "the shared fill ended without an answer".into(),
+    ))
 }
 
 /// Waits for a flight's result; `None` if it was abandoned.
@@ -212,32 +330,38 @@ async fn wait(mut rx: FlightResult) -> Option<Arc<Filled>> {
     }
 }
 
-/// Reads an answer whole if it fits in `limit` bytes; else hands it back untouched.
-async fn read_whole(
-    response: Response<ProxyBody>,
-    limit: usize,
-) -> Result<Filled, Response<ProxyBody>> {
+/// An answer read whole, or why not.
+enum Whole {
+    Read(Filled),
+    /// Larger than `limit`, or of unknown length: handed back untouched.
+    TooLarge(Response<ProxyBody>),
+    /// The body broke while it was read.
+    Broken(String),
+}
+
+/// Reads an answer whole if its length is known and within `limit` bytes.
+async fn read_whole(response: Response<ProxyBody>, limit: usize) -> Whole {
     let fits = response
         .body()
         .size_hint()
         .exact()
         .is_some_and(|n| n <= limit as u64);
     if !fits {
-        return Err(response);
+        return Whole::TooLarge(response);
     }
     let (parts, body) = response.into_parts();
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
-    Ok(Filled {
-        status: parts.status,
-        headers: parts.headers,
-        body: bytes,
-        stored: false,
-        upstream_answered: true,
-        rate: None,
-    })
+    match body.collect().await {
+        Ok(collected) => Whole::Read(Filled {
+            status: parts.status,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+            stored: false,
+            upstream_answered: true,
+            rate: None,
+            shareable: false,
+        }),
+        Err(error) => Whole::Broken(format!("the upstream body broke: {error}")),
+    }
 }
 
 fn store(cache: &Cache, plan: &Plan, filled: &Filled) -> bool {
@@ -261,13 +385,8 @@ fn miss_status(stored: bool, collapsed: bool) -> String {
 
 /// A fill's answer for one client.
 fn respond(filled: &Filled, plan: &Plan) -> Response<ProxyBody> {
-    build(
-        filled.status,
-        &filled.headers,
-        filled.body.clone(),
-        plan,
-        None,
-    )
+    let headers = crate::cache::stored_headers(&filled.headers);
+    build(filled.status, &headers, filled.body.clone(), plan, None)
 }
 
 /// An entry's answer at `now`, with its `Age`.
@@ -292,6 +411,10 @@ fn build(
     let gzip = headers
         .get(CONTENT_ENCODING)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    if gzip {
+        // The same entry answers clients that take gzip and clients that do not.
+        headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
     let body = match (gzip && !plan.gzip_ok).then(|| gunzip(&body)).flatten() {
         Some(plain) => {
             headers.remove(CONTENT_ENCODING);
@@ -310,14 +433,19 @@ fn build(
     response
 }
 
+/// Most bytes a stored gzip body may decompress to for a client that does not take gzip.
+const MAX_PLAIN: u64 = 64 * 1024 * 1024;
+
+/// The body decompressed, or `None` if it is not valid gzip or would exceed [`MAX_PLAIN`] (the
+/// client then gets it as stored).
 fn gunzip(body: &[u8]) -> Option<Bytes> {
     use std::io::Read;
     let mut plain = Vec::with_capacity(body.len() * 4);
     flate2::read::GzDecoder::new(body)
-        .take(64 * 1024 * 1024)
+        .take(MAX_PLAIN + 1)
         .read_to_end(&mut plain)
         .ok()?;
-    Some(Bytes::from(plain))
+    (plain.len() as u64 <= MAX_PLAIN).then(|| Bytes::from(plain))
 }
 
 fn accepts_gzip(headers: &http::HeaderMap) -> bool {
