@@ -400,3 +400,24 @@ async fn an_answer_about_the_leaders_key_is_not_handed_to_the_waiters() {
     // Each asked on its own: a 401 says something about a key, not about the data.
     assert_eq!(hits_of(&harness, "/3/movie/401"), 5);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_the_entries_unless_the_cache_settings_changed() {
+    let harness = InProcess::new(ON, sim().await);
+    harness.get("/3/movie/21?api_key=A").await;
+    let same = config(
+        &format!("{ON}[limit]\nrequests_per_second = 40\n"),
+        &harness.sim.url(),
+    );
+    harness.proxy.reload(&same).unwrap();
+    assert_eq!(
+        harness.get("/3/movie/21?api_key=A").await.header("x-cache"),
+        Some("HIT")
+    );
+    let changed = config("[cache]\nmin_ttl = \"2m\"\n", &harness.sim.url());
+    harness.proxy.reload(&changed).unwrap();
+    assert_eq!(
+        harness.get("/3/movie/21?api_key=A").await.header("x-cache"),
+        Some("MISS")
+    );
+}
