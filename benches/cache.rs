@@ -10,8 +10,9 @@
 
 #![allow(clippy::print_stdout)]
 
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,9 +20,12 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use support::{build_proxy, start_proxy};
 use tmdb_proxy::sim::Sim;
 
 const MOVIES: u64 = 10_000;
+/// Each instance's key: TMDB's 50/s, refused at once beyond it.
+const LIMIT: &str = "[limit]\nrequests_per_second = 50\nmode = \"reject\"\n";
 const INSTANCES: usize = 10;
 const PER_INSTANCE: usize = 1_500;
 /// Each instance asks at 200 requests per second, four times its key's limit.
@@ -30,52 +34,6 @@ const EVERY: Duration = Duration::from_millis(5);
 const SKEW: f64 = 1.0;
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-/// A child process killed (by PID) when dropped.
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("an address").port()
-}
-
-fn start_proxy(name: &str, upstream: &str, extra: &str) -> (Stopped, SocketAddr) {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("tmdb-proxy-bench-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [upstream]\nbase_url = \"{upstream}\"\nmax_connections = 20\n\
-             [limit]\nrequests_per_second = 50\nmode = \"reject\"\n[log]\nlevel = \"error\"\n{extra}",
-            admin = free_port(),
-        ),
-    )
-    .expect("the config is written");
-    let child = Command::new("target/release/tmdb-proxy")
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the proxy starts");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    (Stopped(child), addr)
-}
 
 /// Zipf-distributed ids from 1 to `n`, by inverting the cumulative weights (deterministic).
 struct Zipf {
@@ -157,11 +115,7 @@ fn main() {
 }
 
 async fn bench() {
-    let built = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--bin", "tmdb-proxy"])
-        .status()
-        .expect("cargo runs");
-    assert!(built.success(), "the proxy builds");
+    build_proxy();
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(64)
         .build_http();
@@ -183,7 +137,12 @@ async fn bench() {
             .start()
             .await
             .expect("the stand-in starts");
-        let (proxy, addr) = start_proxy(name, &sim.url(), extra);
+        let (proxy, addr) = start_proxy(
+            name,
+            &sim.url(),
+            "max_connections = 20",
+            &format!("{LIMIT}{extra}"),
+        );
         let (ok, limited, other) = trace(&client, addr).await;
         let reached = sim.hits();
         println!(

@@ -12,8 +12,10 @@
 
 #![allow(clippy::print_stdout)]
 
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +23,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use support::{Stopped, build_proxy, free_port, start_proxy};
 use tmdb_proxy::sim::Sim;
 use tokio::time::Instant;
 
@@ -30,21 +33,6 @@ const ROUNDS: usize = 3;
 const SEQUENTIAL: usize = 2_000;
 const CONCURRENT: usize = 16;
 const PER_CLIENT: usize = 500;
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("an address").port()
-}
-
-/// A child process killed (by PID) when dropped.
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// User plus system CPU time of `pid` so far.
 fn cpu(pid: u32) -> Duration {
@@ -60,37 +48,6 @@ fn cpu(pid: u32) -> Duration {
     };
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
-fn start_proxy(name: &str, upstream: &str, extra: &str) -> (Stopped, SocketAddr) {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("tmdb-proxy-bench-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [upstream]\nbase_url = \"{upstream}\"\nmax_connections = 64\n\
-             [log]\nlevel = \"error\"\n{extra}",
-            admin = free_port(),
-        ),
-    )
-    .expect("the config is written");
-    let child = Command::new("target/release/tmdb-proxy")
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the proxy starts");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    (Stopped(child), addr)
 }
 
 /// Latencies of `n` requests by each of `clients` concurrent clients.
@@ -153,11 +110,7 @@ fn main() {
 }
 
 async fn bench() {
-    let built = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--bin", "tmdb-proxy"])
-        .status()
-        .expect("cargo runs");
-    assert!(built.success(), "the proxy builds");
+    build_proxy();
     let redis_port = free_port();
     let redis_dir =
         std::env::temp_dir().join(format!("tmdb-proxy-bench-redis-{}", std::process::id()));
@@ -187,9 +140,10 @@ async fn bench() {
         .start()
         .await
         .expect("the stand-in starts");
-    let (local, local_addr) = start_proxy("local", &sim.url(), "");
+    let (local, local_addr) = start_proxy("local", &sim.url(), "max_connections = 64", "");
     let shared_cfg = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{redis_port}\"\n");
-    let (shared, shared_addr) = start_proxy("shared", &sim.url(), &shared_cfg);
+    let (shared, shared_addr) =
+        start_proxy("shared", &sim.url(), "max_connections = 64", &shared_cfg);
     let mut targets = vec![
         Target {
             name: "stand-in direct",
