@@ -421,3 +421,30 @@ async fn a_reload_keeps_the_entries_unless_the_cache_settings_changed() {
         Some("MISS")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_without_a_length_is_stored_if_small_and_passed_on_whole_if_not() {
+    let sim = sim_with(
+        Sim::builder()
+            .stream("/3/movie/300", 64 * 1024, 5, None)
+            .stream("/3/movie/900", 64 * 1024, 3, None),
+    )
+    .await;
+    let harness = InProcess::new("[cache]\nmax_object_size = \"128KiB\"\n", sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    // 320 KiB, chunked: more than max_object_size, so served whole and not stored.
+    for round in 1..=2 {
+        let reply = harness.get("/3/movie/300?api_key=A").await;
+        assert_eq!(reply.body.len(), 5 * 64 * 1024, "round {round}");
+        assert_eq!(reply.header("x-cache"), Some("MISS"));
+    }
+    assert_eq!(hits_of(&harness, "/3/movie/300"), 2);
+    // With a 1 MiB limit, a 192 KiB chunked answer is stored and answers the repeat.
+    let harness = InProcess::new("[cache]\nmax_object_size = \"1MiB\"\n", harness.sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    let first = harness.get("/3/movie/900?api_key=A").await;
+    let second = harness.get("/3/movie/900?api_key=A").await;
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.body.len(), 3 * 64 * 1024);
+}

@@ -56,6 +56,11 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream body the pump is reading into memory while the client drains it.
     Pumped(Pumped),
+    /// What was read of a body to see if it is small enough to store, then the rest of it.
+    Prefixed {
+        prefix: Option<Bytes>,
+        rest: Box<ProxyBody>,
+    },
 }
 
 impl ProxyBody {
@@ -265,6 +270,10 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Self::Prefixed { prefix, rest } => match prefix.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            },
             Self::Pumped(pumped) => match pumped.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(data))) => {
                     pumped.space.add_permits(data.len().min(pumped.max_chunk));
@@ -287,6 +296,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(data) => data.is_none(),
             Self::Pumped(pumped) => pumped.done,
+            Self::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -295,6 +305,16 @@ impl Body for ProxyBody {
             Self::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
             Self::Pumped(pumped) => pumped.hint,
+            Self::Prefixed { prefix, rest } => {
+                let held = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + held);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + held);
+                }
+                hint
+            }
         }
     }
 }

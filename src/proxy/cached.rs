@@ -333,35 +333,46 @@ async fn wait(mut rx: FlightResult) -> Option<Arc<Filled>> {
 /// An answer read whole, or why not.
 enum Whole {
     Read(Filled),
-    /// Larger than `limit`, or of unknown length: handed back untouched.
+    /// Larger than `limit`: handed back whole (what was read, then the rest).
     TooLarge(Response<ProxyBody>),
     /// The body broke while it was read.
     Broken(String),
 }
 
-/// Reads an answer whole if its length is known and within `limit` bytes.
+/// Reads an answer whole if it is within `limit` bytes: at once when its length says it is
+/// larger; else frame by frame, handing back what was read and the rest once it is more.
 async fn read_whole(response: Response<ProxyBody>, limit: usize) -> Whole {
-    let fits = response
-        .body()
-        .size_hint()
-        .exact()
-        .is_some_and(|n| n <= limit as u64);
-    if !fits {
+    if response.body().size_hint().lower() > limit as u64 {
         return Whole::TooLarge(response);
     }
-    let (parts, body) = response.into_parts();
-    match body.collect().await {
-        Ok(collected) => Whole::Read(Filled {
-            status: parts.status,
-            headers: parts.headers,
-            body: collected.to_bytes(),
-            stored: false,
-            upstream_answered: true,
-            rate: None,
-            shareable: false,
-        }),
-        Err(error) => Whole::Broken(format!("the upstream body broke: {error}")),
+    let (parts, mut body) = response.into_parts();
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    read.extend_from_slice(data);
+                }
+                if read.len() > limit {
+                    let body = ProxyBody::Prefixed {
+                        prefix: Some(read.freeze()),
+                        rest: Box::new(body),
+                    };
+                    return Whole::TooLarge(Response::from_parts(parts, body));
+                }
+            }
+            Err(error) => return Whole::Broken(format!("the upstream body broke: {error}")),
+        }
     }
+    Whole::Read(Filled {
+        status: parts.status,
+        headers: parts.headers,
+        body: read.freeze(),
+        stored: false,
+        upstream_answered: true,
+        rate: None,
+        shareable: false,
+    })
 }
 
 fn store(cache: &Cache, plan: &Plan, filled: &Filled) -> bool {
