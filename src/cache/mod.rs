@@ -326,9 +326,17 @@ pub fn stored_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// The `X-Cache` and `Cache-Status` (RFC 9211) of an answer.
-pub fn status_headers(out: &mut HeaderMap, x_cache: &'static str, cache_status: &str) {
+pub fn status_headers(
+    out: &mut HeaderMap,
+    x_cache: &'static str,
+    cache_status: std::borrow::Cow<'static, str>,
+) {
     out.insert("x-cache", HeaderValue::from_static(x_cache));
-    if let Ok(value) = HeaderValue::from_str(cache_status) {
+    let value = match cache_status {
+        std::borrow::Cow::Borrowed(fixed) => Ok(HeaderValue::from_static(fixed)),
+        std::borrow::Cow::Owned(text) => HeaderValue::try_from(text),
+    };
+    if let Ok(value) = value {
         out.insert("cache-status", value);
     }
 }

@@ -1,6 +1,7 @@
 //! The cache's part in a request (see `crate::cache`): a plan made once the request is known,
 //! then a hit answered from memory, or a miss filled once for every request waiting on it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -44,7 +45,7 @@ pub(super) fn plan(
     match key? {
         Err(_) => {
             cache.stats.bypasses.fetch_add(1, Ordering::Relaxed);
-            ctx.cache = Some(("BYPASS", "tmdb-proxy; fwd=bypass".to_owned()));
+            ctx.cache = Some(("BYPASS", Cow::Borrowed("tmdb-proxy; fwd=bypass")));
             None
         }
         Ok(key) => {
@@ -94,7 +95,7 @@ impl Proxy {
         if let Some(entry) = entry.as_ref().filter(|e| e.is_fresh(now)) {
             cache.stats.hits.fetch_add(1, Ordering::Relaxed);
             let ttl = entry.fresh_until.saturating_duration_since(now).as_secs();
-            ctx.cache = Some(("HIT", format!("tmdb-proxy; hit; ttl={ttl}")));
+            ctx.cache = Some(("HIT", Cow::Owned(format!("tmdb-proxy; hit; ttl={ttl}"))));
             return Ok(answer(entry, now, &plan));
         }
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +110,7 @@ impl Proxy {
                         respond(&filled, &plan)
                     }
                     Whole::TooLarge(response) => {
-                        ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
+                        ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
                         response
                     }
                     Whole::Broken(reason) => {
@@ -133,7 +134,7 @@ impl Proxy {
             }
             (Join::Lead(..), None) => (None, None, false),
         };
-        ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
+        ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
         match (own, result) {
             // The leader's own failure: a stale copy answers for it, else the error itself.
             (Some(Own::Failed(error, (answered, rate))), _) => {
@@ -185,7 +186,7 @@ impl Proxy {
         plan: &Plan,
         ctx: &mut RequestCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        ctx.cache = Some(("MISS", "tmdb-proxy; fwd=miss".to_owned()));
+        ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
         match self.send_through(settings, identity, req, ctx).await {
             Ok(response) => Ok(response),
             Err(error) => {
@@ -230,23 +231,7 @@ impl Proxy {
             let answered = (fill_ctx.upstream_answered, fill_ctx.rate);
             let response = match result {
                 Ok(response) => response,
-                Err(error) => {
-                    // Written by the proxy: never stored. Waiters get the same body when the
-                    // failure is the upstream's; a refusal of the leader's key is its own.
-                    let body = error.to_response();
-                    let filled = Filled {
-                        status: body.status(),
-                        headers: body.headers().clone(),
-                        body: body.body().clone(),
-                        stored: false,
-                        upstream_answered: answered.0,
-                        rate: answered.1,
-                        shareable: !matches!(error, ProxyError::RateLimited(_)),
-                    };
-                    let _ = own.send(Own::Failed(error, answered));
-                    leader.publish(filled);
-                    return;
-                }
+                Err(error) => return publish_failure(leader, own, error, answered),
             };
             match read_whole(response, cache.config().max_object_size).await {
                 Whole::Read(mut filled) => {
@@ -262,21 +247,34 @@ impl Proxy {
                 }
                 Whole::Broken(reason) => {
                     let error = ProxyError::Upstream(UpstreamError::Failed(reason));
-                    let body = error.to_response();
-                    let _ = own.send(Own::Failed(error, answered));
-                    leader.publish(Filled {
-                        status: body.status(),
-                        headers: body.headers().clone(),
-                        body: body.body().clone(),
-                        stored: false,
-                        upstream_answered: answered.0,
-                        rate: answered.1,
-                        shareable: true,
-                    });
+                    publish_failure(leader, own, error, answered);
                 }
             }
         });
     }
+}
+
+/// A fill that failed with an error the proxy writes: never stored. The leader gets the error
+/// itself; waiters get the same TMDB body, unless it is a refusal of the leader's key, which is
+/// not theirs.
+fn publish_failure(
+    leader: Leader,
+    own: oneshot::Sender<Own>,
+    error: ProxyError,
+    answered: (bool, Option<crate::limiter::RateState>),
+) {
+    let (parts, body) = error.to_response().into_parts();
+    let filled = Filled {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        stored: false,
+        upstream_answered: answered.0,
+        rate: answered.1,
+        shareable: !matches!(error, ProxyError::RateLimited(_)),
+    };
+    let _ = own.send(Own::Failed(error, answered));
+    leader.publish(filled);
 }
 
 /// What only the leader's client gets: its own error (the metric and log line say what it was),
@@ -307,7 +305,7 @@ fn stale_answer(
     cache.stats.stale.fetch_add(1, Ordering::Relaxed);
     ctx.cache = Some((
         "STALE",
-        format!("tmdb-proxy; fwd=stale; fwd-status={status}"),
+        Cow::Owned(format!("tmdb-proxy; fwd=stale; fwd-status={status}")),
     ));
     Some(answer(stale, Instant::now(), plan))
 }
@@ -386,12 +384,12 @@ fn store(cache: &Cache, plan: &Plan, filled: &Filled) -> bool {
     )
 }
 
-fn miss_status(stored: bool, collapsed: bool) -> String {
-    match (collapsed, stored) {
-        (true, _) => "tmdb-proxy; fwd=miss; collapsed".to_owned(),
-        (false, true) => "tmdb-proxy; fwd=miss; stored".to_owned(),
-        (false, false) => "tmdb-proxy; fwd=miss".to_owned(),
-    }
+fn miss_status(stored: bool, collapsed: bool) -> Cow<'static, str> {
+    Cow::Borrowed(match (collapsed, stored) {
+        (true, _) => "tmdb-proxy; fwd=miss; collapsed",
+        (false, true) => "tmdb-proxy; fwd=miss; stored",
+        (false, false) => "tmdb-proxy; fwd=miss",
+    })
 }
 
 /// A fill's answer for one client.

@@ -4,6 +4,7 @@
 //! taken or refused, the upstream's timing and any pause it imposed); `Proxy::finish` reads it all
 //! to write the headers, the metric and the log line, the same way for every outcome.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
@@ -64,7 +65,7 @@ pub struct RequestCtx {
     /// What the answer's `Access-Control-Allow-Origin` says.
     pub cors: Cors,
     /// How the cache took part: its `X-Cache` and `Cache-Status` (none without a cache).
-    pub cache: Option<(&'static str, String)>,
+    pub cache: Option<(&'static str, Cow<'static, str>)>,
 }
 
 impl RequestCtx {

@@ -434,7 +434,7 @@ impl Proxy {
     fn finish(
         &self,
         settings: &Settings,
-        ctx: RequestCtx,
+        mut ctx: RequestCtx,
         result: Result<Response<ProxyBody>, ProxyError>,
     ) -> Response<ProxyBody> {
         let (outcome, tmdb_code) = classify(&ctx, &result);
@@ -473,7 +473,7 @@ impl Proxy {
         }
         headers::insert_cors(out, &ctx.cors);
         out.insert(X_REQUEST_ID, ctx.id.clone());
-        if let Some((x_cache, cache_status)) = &ctx.cache {
+        if let Some((x_cache, cache_status)) = ctx.cache.take() {
             cache::status_headers(out, x_cache, cache_status);
         }
         // TMDB refused the key: it may not read the cache any more.
