@@ -100,6 +100,8 @@ async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
         l.and_then(|l| l.local_addr().ok())
             .map_or_else(|| "-".to_owned(), |a| a.to_string())
     };
+    // Before the line that says it listens: a SIGTERM from then on drains, it does not kill.
+    let stop = server::shutdown::signal();
     tracing::info!(
         listen = %bound(Some(&listener)),
         admin = %bound(admin_listener.as_ref()),
@@ -121,9 +123,7 @@ async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
         })
     });
     let reloader = tokio::spawn(server::reload::watch(path, proxy.clone(), cfg.clone()));
-    frontend
-        .run(listener, proxy, server::shutdown::signal())
-        .await;
+    frontend.run(listener, proxy, stop).await;
     reloader.abort();
     let _ = admin_stop.send(());
     if let Some(admin) = admin {
