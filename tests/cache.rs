@@ -448,3 +448,156 @@ async fn an_answer_without_a_length_is_stored_if_small_and_passed_on_whole_if_no
     assert_eq!(second.body, first.body);
     assert_eq!(second.body.len(), 3 * 64 * 1024);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_large_fill_streams_to_its_first_client_while_it_is_stored() {
+    use http_body_util::BodyExt;
+    // 900 KiB in three chunks; the last two only once the gate opens.
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let sim =
+        sim_with(Sim::builder().stream("/3/movie/800", 300 * 1024, 3, Some(gate.clone()))).await;
+    let harness = InProcess::new(ON, sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+
+    let req = http::Request::get("/3/movie/800?api_key=A")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let client = IN_PROCESS_CLIENT.parse().unwrap();
+    let response = harness.proxy.handle(req, client).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers().get("x-cache").map(|v| v.as_bytes()),
+        Some(&b"MISS"[..])
+    );
+    let mut body = response.into_body();
+    let mut first = 0;
+    while first < 300 * 1024 {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        first += frame.data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(
+        first,
+        300 * 1024,
+        "the first chunk, before the rest was sent"
+    );
+
+    // A second client joins the flight: it gets the answer whole, once it is whole.
+    let waiter = harness.spawn_get("/3/movie/800?api_key=A");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "the body is not whole yet");
+    gate.notify_one();
+    let rest = body.collect().await.expect("the rest arrives").to_bytes();
+    assert_eq!(first + rest.len(), 900 * 1024);
+    let waited = waiter.await.unwrap();
+    assert_eq!(waited.body.len(), 900 * 1024);
+    assert_eq!(
+        cache_headers(&waited),
+        ("MISS".into(), "tmdb-proxy; fwd=miss; collapsed".into())
+    );
+
+    let hit = harness.get("/3/movie/800?api_key=A").await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(hit.body, waited.body);
+    assert_eq!(hits_of(&harness, "/3/movie/800"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uncompressed_answer_is_stored_compressed_and_served_as_each_client_takes_it() {
+    use std::io::Read;
+    let movies: Vec<String> = (0..400)
+        .map(|i| format!("{{\"id\":{i},\"title\":\"Movie number {i}\",\"adult\":false}}"))
+        .collect();
+    let json = format!("{{\"page\":1,\"results\":[{}]}}", movies.join(","));
+    let sim = sim_with(Sim::builder().route(
+        "/3/movie/popular",
+        Route::with_headers(
+            200,
+            &[
+                ("content-type", "application/json;charset=utf-8"),
+                ("cache-control", "public, max-age=3600"),
+                ("etag", "\"v1\""),
+            ],
+            json.clone(),
+        ),
+    ))
+    .await;
+    let harness = InProcess::new(ON, sim);
+    let first = harness.get("/3/movie/popular?api_key=A").await;
+    assert_eq!(first.body, json.as_bytes());
+    assert_eq!(first.header("content-encoding"), None);
+
+    let bytes: u64 = harness
+        .proxy
+        .render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("tmdb_proxy_cache_size_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("cache_size_bytes");
+    assert!(
+        bytes < json.len() as u64 / 4,
+        "{bytes} bytes held for a {} byte answer",
+        json.len()
+    );
+
+    let plain = harness.get("/3/movie/popular?api_key=A").await;
+    assert_eq!(plain.header("x-cache"), Some("HIT"));
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(
+        plain.body,
+        json.as_bytes(),
+        "decompressed for a client without gzip"
+    );
+
+    let gz = harness
+        .get_with(
+            "/3/movie/popular?api_key=A",
+            &[("accept-encoding", "gzip, deflate")],
+        )
+        .await;
+    assert_eq!(gz.header("x-cache"), Some("HIT"));
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    assert_eq!(gz.header("vary"), Some("Accept-Encoding"));
+    assert_eq!(
+        gz.header("etag"),
+        Some("W/\"v1\""),
+        "it named the plain bytes"
+    );
+    assert_eq!(
+        gz.header("content-length"),
+        Some(gz.body.len().to_string().as_str())
+    );
+    let mut decoded = String::new();
+    flate2::read::GzDecoder::new(&gz.body[..])
+        .read_to_string(&mut decoded)
+        .unwrap();
+    assert_eq!(decoded, json);
+    assert_eq!(hits_of(&harness, "/3/movie/popular"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_first_client_that_goes_away_leaves_the_fill_to_the_others() {
+    use http_body_util::BodyExt;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let sim =
+        sim_with(Sim::builder().stream("/3/movie/801", 300 * 1024, 3, Some(gate.clone()))).await;
+    let harness = InProcess::new(ON, sim);
+    assert_eq!(harness.get("/3/movie/2?api_key=A").await.status, 200);
+    let req = http::Request::get("/3/movie/801?api_key=A")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = harness
+        .proxy
+        .handle(req, IN_PROCESS_CLIENT.parse().unwrap())
+        .await;
+    let mut body = response.into_body();
+    body.frame().await.expect("a frame").expect("no error");
+    let waiter = harness.spawn_get("/3/movie/801?api_key=A");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(body);
+    gate.notify_one();
+    let waited = waiter.await.unwrap();
+    assert_eq!(waited.body.len(), 900 * 1024);
+    let hit = harness.get("/3/movie/801?api_key=A").await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(hits_of(&harness, "/3/movie/801"), 1);
+}

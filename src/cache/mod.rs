@@ -9,7 +9,8 @@
 //!
 //! A miss of a known key joins the key's [`Flight`] or leads one: the leader's request is sent in
 //! a task of its own (a client that goes away leaves only itself), its answer read whole (up to
-//! `max_object_size`), stored if storable, and handed to every waiter.
+//! `max_object_size`) while the leader's client gets it as it arrives, stored if storable (once,
+//! compressed), and handed whole to every waiter.
 
 pub mod rules;
 
@@ -87,6 +88,19 @@ pub struct Filled {
 }
 
 impl Filled {
+    /// An upstream answer read whole, before it is judged or stored.
+    pub fn read(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
+        Self {
+            status,
+            headers,
+            body,
+            stored: false,
+            upstream_answered: true,
+            rate: None,
+            shareable: false,
+        }
+    }
+
     /// A failure a stale copy may answer for instead: TMDB failing (5xx, no answer), TMDB's or
     /// the proxy's 429.
     pub fn is_failure(&self) -> bool {
@@ -237,10 +251,12 @@ impl Cache {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map_or(Duration::ZERO, Duration::from_secs)
             .min(self.cfg.max_ttl);
+        let mut headers = stored_headers(headers);
+        let body = compressed(&mut headers, body).unwrap_or_else(|| body.clone());
         let entry = Entry {
             status,
-            headers: stored_headers(headers),
-            body: body.clone(),
+            headers,
+            body,
             stored_at: now,
             upstream_age,
             fresh_until: now + fresh,
@@ -288,6 +304,45 @@ impl Cache {
         self.entries.run_pending_tasks();
         (self.entries.entry_count(), self.entries.weighted_size())
     }
+}
+
+/// Bodies shorter than this are stored as they came: gzip would save little, and a client that
+/// does not take gzip would pay a decode on every hit.
+pub const COMPRESS_FROM: usize = 1024;
+
+/// `body` gzip-compressed for storing, with `headers` made to say so, if it came uncompressed,
+/// is at least [`COMPRESS_FROM`] long and shrinks by a tenth or more. TMDB's edge compresses
+/// for clients that ask, so most fills arrive compressed already; this stores the others once,
+/// compressed too. A strong `ETag` becomes weak: it named the uncompressed bytes.
+fn compressed(headers: &mut HeaderMap, body: &Bytes) -> Option<Bytes> {
+    use std::io::Write;
+    if body.len() < COMPRESS_FROM || headers.contains_key(http::header::CONTENT_ENCODING) {
+        return None;
+    }
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(body).ok()?;
+    let packed = gz.finish().ok()?;
+    if packed.len() > body.len() / 10 * 9 {
+        return None;
+    }
+    headers.insert(
+        http::header::CONTENT_ENCODING,
+        HeaderValue::from_static("gzip"),
+    );
+    headers.remove(http::header::CONTENT_LENGTH);
+    if let Some(etag) = headers.get(http::header::ETAG)
+        && !etag.as_bytes().starts_with(b"W/")
+    {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(etag.as_bytes());
+        if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+            headers.insert(http::header::ETAG, weak);
+        }
+    }
+    Some(Bytes::from(packed))
 }
 
 /// The headers kept with an entry: the upstream's, less those that belong to one answer

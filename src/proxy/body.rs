@@ -56,11 +56,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream body the pump is reading into memory while the client drains it.
     Pumped(Pumped),
-    /// What was read of a body to see if it is small enough to store, then the rest of it.
-    Prefixed {
-        prefix: Option<Bytes>,
-        rest: Box<ProxyBody>,
-    },
+    /// A body read into the cache by a task of its own, handed on piece by piece (see [`tee`]).
+    Teed(Teed),
 }
 
 impl ProxyBody {
@@ -240,6 +237,86 @@ async fn hold(
     }
 }
 
+/// How a teed body ended, for the cache.
+#[derive(Debug)]
+pub enum TeeEnd {
+    /// Read whole: every byte, as the client got them.
+    Whole(Bytes),
+    /// Longer than the limit: the client got the rest directly, nothing was kept.
+    TooLarge,
+    /// The upstream body broke; the client's response ended with the error.
+    Broken(String),
+}
+
+/// A piece of a teed body for its client.
+#[derive(Debug)]
+enum Piece {
+    Data(Bytes),
+    /// The rest of the body, read by the client itself (the body outgrew the limit).
+    Rest(ProxyBody),
+    Broken(BoxError),
+}
+
+/// The client side of a teed body.
+#[derive(Debug)]
+pub struct Teed {
+    rx: mpsc::UnboundedReceiver<Piece>,
+    rest: Option<Box<ProxyBody>>,
+    hint: SizeHint,
+    done: bool,
+}
+
+/// Reads `body` in a task of its own, keeping up to `limit` bytes for the cache while its client
+/// gets each piece as it arrives. The reading goes on if the client goes away, so a fill shared
+/// by others ends whatever its first client does; what the client has not taken yet is bounded
+/// by `limit` (past it, the client reads the rest itself, at its own pace, with the pump's
+/// guards).
+pub fn tee(
+    mut body: ProxyBody,
+    limit: usize,
+) -> (ProxyBody, tokio::sync::oneshot::Receiver<TeeEnd>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (end_tx, end) = tokio::sync::oneshot::channel();
+    let hint = body.size_hint();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        let mut read = 0;
+        let outcome = loop {
+            match body.frame().await {
+                None => break TeeEnd::Whole(concat(kept, read)),
+                Some(Err(error)) => {
+                    let reason = format!("the upstream body broke: {error}");
+                    let _ = tx.send(Piece::Broken(error));
+                    break TeeEnd::Broken(reason);
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    read += data.len();
+                    if read > limit {
+                        drop(kept);
+                        let _ = tx.send(Piece::Data(data));
+                        let _ = tx.send(Piece::Rest(body));
+                        break TeeEnd::TooLarge;
+                    }
+                    kept.push(data.clone());
+                    // A client that went away leaves the reading to go on.
+                    let _ = tx.send(Piece::Data(data));
+                }
+            }
+        };
+        let _ = end_tx.send(outcome);
+    });
+    let client = ProxyBody::Teed(Teed {
+        rx,
+        rest: None,
+        hint,
+        done: false,
+    });
+    (client, end)
+}
+
 /// The client side of a pumped body.
 #[derive(Debug)]
 pub struct Pumped {
@@ -270,9 +347,25 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Self::Prefixed { prefix, rest } => match prefix.take() {
-                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            Self::Teed(teed) => loop {
+                if let Some(rest) = teed.rest.as_mut() {
+                    return Pin::new(rest.as_mut()).poll_frame(cx);
+                }
+                return match teed.rx.poll_recv(cx) {
+                    Poll::Ready(Some(Piece::Data(data))) => {
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Some(Piece::Rest(rest))) => {
+                        teed.rest = Some(Box::new(rest));
+                        continue;
+                    }
+                    Poll::Ready(Some(Piece::Broken(error))) => Poll::Ready(Some(Err(error))),
+                    Poll::Ready(None) => {
+                        teed.done = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
             },
             Self::Pumped(pumped) => match pumped.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(data))) => {
@@ -296,7 +389,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(data) => data.is_none(),
             Self::Pumped(pumped) => pumped.done,
-            Self::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Self::Teed(teed) => teed.rest.as_ref().map_or(teed.done, |r| r.is_end_stream()),
         }
     }
 
@@ -305,16 +398,8 @@ impl Body for ProxyBody {
             Self::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
             Self::Pumped(pumped) => pumped.hint,
-            Self::Prefixed { prefix, rest } => {
-                let held = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let rest = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + held);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + held);
-                }
-                hint
-            }
+            // What is still to come is unknown once pieces have gone.
+            Self::Teed(teed) => teed.hint,
         }
     }
 }

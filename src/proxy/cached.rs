@@ -9,12 +9,11 @@ use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, AGE, CONTENT_ENCODING, CONTENT_LENGTH, VARY};
 use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::Proxy;
-use super::body::ProxyBody;
+use super::body::{ProxyBody, TeeEnd};
 use super::ctx::{Identity, RequestCtx};
 use super::settings::Settings;
 use crate::cache::{Bypass, Cache, Entry, Filled, FlightResult, Join, Leader};
@@ -22,7 +21,7 @@ use crate::error::ProxyError;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// A request the cache may answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Plan {
     cache: Arc<Cache>,
     key: String,
@@ -102,22 +101,33 @@ impl Proxy {
         if !known {
             // Alone: it reads nothing, but a storable answer of TMDB's is stored.
             let response = self.send_through(settings, identity, req, ctx).await?;
-            return Ok(
-                match read_whole(response, cache.config().max_object_size).await {
-                    Whole::Read(filled) => {
-                        let stored = shareable(filled.status) && store(&cache, &plan, &filled);
-                        ctx.cache = Some(("MISS", miss_status(stored, false)));
-                        respond(&filled, &plan)
-                    }
-                    Whole::TooLarge(response) => {
-                        ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
-                        response
-                    }
-                    Whole::Broken(reason) => {
-                        return Err(ProxyError::Upstream(UpstreamError::Failed(reason)));
-                    }
-                },
-            );
+            let limit = cache.config().max_object_size;
+            return Ok(match read_for_store(response, limit) {
+                Read::Whole(filled) => {
+                    let stored = shareable(filled.status) && store(&cache, &plan, &filled).await;
+                    ctx.cache = Some(("MISS", miss_status(stored, false)));
+                    respond(&filled, &plan)
+                }
+                Read::Streamed(parts, body) => {
+                    let (body, end) = crate::proxy::body::tee(body, limit);
+                    let (cache, plan_key) = (cache.clone(), plan.clone());
+                    let (status, headers) = (parts.status, parts.headers.clone());
+                    tokio::spawn(async move {
+                        if let Ok(TeeEnd::Whole(body)) = end.await
+                            && shareable(status)
+                        {
+                            let filled = Filled::read(status, headers, body);
+                            store(&cache, &plan_key, &filled).await;
+                        }
+                    });
+                    ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
+                    streamed(parts, body, &plan)
+                }
+                Read::TooLarge(response) => {
+                    ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
+                    response
+                }
+            });
         }
         let stale = entry.filter(|e| !e.is_fresh(now));
         let mut req = Some(req);
@@ -125,8 +135,12 @@ impl Proxy {
             (Join::Lead(leader, rx), Some(fill)) => {
                 let (own_tx, own_rx) = oneshot::channel();
                 self.spawn_fill(settings, &plan, leader, identity, fill, ctx, own_tx);
-                let result = wait(rx).await;
-                (result, own_rx.await.ok(), false)
+                // The fill ends its `own` sender once its result is published, when it has
+                // nothing for the leader alone.
+                match own_rx.await {
+                    Ok(own) => (None, Some(own), false),
+                    Err(_) => (wait(rx).await, None, false),
+                }
             }
             (Join::Wait(rx), mine) => {
                 req = mine;
@@ -147,6 +161,11 @@ impl Proxy {
                 }
             }
             (Some(Own::TooLarge(response)), _) => Ok(response),
+            (Some(Own::Streamed(parts, body, answered)), _) => {
+                ctx.upstream_answered = answered.0;
+                ctx.rate = answered.1.or(ctx.rate);
+                Ok(streamed(parts, body, &plan))
+            }
             (None, Some(filled)) if collapsed && !filled.shareable => {
                 // About the leader's key or request, not this one's: it goes on its own.
                 let req = req.ok_or_else(no_answer)?;
@@ -233,38 +252,58 @@ impl Proxy {
                 Ok(response) => response,
                 Err(error) => return publish_failure(leader, own, error, answered),
             };
-            match read_whole(response, cache.config().max_object_size).await {
-                Whole::Read(mut filled) => {
-                    filled.upstream_answered = answered.0;
-                    filled.rate = answered.1;
-                    filled.shareable = shareable(filled.status);
-                    filled.stored = filled.shareable && store(&cache, &plan, &filled);
-                    leader.publish(filled);
-                }
-                Whole::TooLarge(response) => {
+            let limit = cache.config().max_object_size;
+            let filled = match read_for_store(response, limit) {
+                Read::Whole(filled) => filled,
+                Read::TooLarge(response) => {
                     let _ = own.send(Own::TooLarge(response));
-                    drop(leader);
+                    return drop(leader);
                 }
-                Whole::Broken(reason) => {
-                    let error = ProxyError::Upstream(UpstreamError::Failed(reason));
-                    publish_failure(leader, own, error, answered);
+                Read::Streamed(parts, body) => {
+                    // The leader's client gets the body as it arrives; waiters get it whole.
+                    let (status, headers) = (parts.status, parts.headers.clone());
+                    let (body, end) = crate::proxy::body::tee(body, limit);
+                    let _ = own.send(Own::Streamed(parts, body, answered));
+                    match end.await {
+                        Ok(TeeEnd::Whole(body)) => Filled::read(status, headers, body),
+                        // Too large to share: each waiter goes on its own.
+                        Ok(TeeEnd::TooLarge) => return drop(leader),
+                        Ok(TeeEnd::Broken(reason)) => {
+                            let error = ProxyError::Upstream(UpstreamError::Failed(reason));
+                            return leader.publish(failure(&error, answered));
+                        }
+                        Err(_) => return drop(leader),
+                    }
                 }
-            }
+            };
+            let mut filled = filled;
+            filled.upstream_answered = answered.0;
+            filled.rate = answered.1;
+            filled.shareable = shareable(filled.status);
+            filled.stored = filled.shareable && store(&cache, &plan, &filled).await;
+            leader.publish(filled);
         });
     }
 }
 
 /// A fill that failed with an error the proxy writes: never stored. The leader gets the error
-/// itself; waiters get the same TMDB body, unless it is a refusal of the leader's key, which is
-/// not theirs.
+/// itself; waiters get the same TMDB body.
 fn publish_failure(
     leader: Leader,
     own: oneshot::Sender<Own>,
     error: ProxyError,
     answered: (bool, Option<crate::limiter::RateState>),
 ) {
+    let filled = failure(&error, answered);
+    let _ = own.send(Own::Failed(error, answered));
+    leader.publish(filled);
+}
+
+/// A failed fill as waiters get it: the error's TMDB body, shareable unless it is a refusal of
+/// the leader's key, which is not theirs.
+fn failure(error: &ProxyError, answered: (bool, Option<crate::limiter::RateState>)) -> Filled {
     let (parts, body) = error.to_response().into_parts();
-    let filled = Filled {
+    Filled {
         status: parts.status,
         headers: parts.headers,
         body,
@@ -272,17 +311,20 @@ fn publish_failure(
         upstream_answered: answered.0,
         rate: answered.1,
         shareable: !matches!(error, ProxyError::RateLimited(_)),
-    };
-    let _ = own.send(Own::Failed(error, answered));
-    leader.publish(filled);
+    }
 }
 
 /// What only the leader's client gets: its own error (the metric and log line say what it was),
-/// or an answer too large to share.
+/// an answer too large to share, or the head of an answer whose body it gets as it arrives.
 #[derive(Debug)]
 pub(super) enum Own {
     Failed(ProxyError, (bool, Option<crate::limiter::RateState>)),
     TooLarge(Response<ProxyBody>),
+    Streamed(
+        http::response::Parts,
+        ProxyBody,
+        (bool, Option<crate::limiter::RateState>),
+    ),
 }
 
 /// Whether an answer is the same for every key, so waiters of other keys may have it: TMDB's
@@ -328,60 +370,51 @@ async fn wait(mut rx: FlightResult) -> Option<Arc<Filled>> {
     }
 }
 
-/// An answer read whole, or why not.
-enum Whole {
-    Read(Filled),
-    /// Larger than `limit`: handed back whole (what was read, then the rest).
+/// An answer as the cache takes it.
+enum Read {
+    /// Already read whole (most TMDB answers are: see `proxy::body`).
+    Whole(Filled),
+    /// Still arriving: it is teed, to its client and into memory.
+    Streamed(http::response::Parts, ProxyBody),
+    /// Longer than the limit by its declared length, or held whole but longer: passed on.
     TooLarge(Response<ProxyBody>),
-    /// The body broke while it was read.
-    Broken(String),
 }
 
-/// Reads an answer whole if it is within `limit` bytes: at once when its length says it is
-/// larger; else frame by frame, handing back what was read and the rest once it is more.
-async fn read_whole(response: Response<ProxyBody>, limit: usize) -> Whole {
+fn read_for_store(response: Response<ProxyBody>, limit: usize) -> Read {
     if response.body().size_hint().lower() > limit as u64 {
-        return Whole::TooLarge(response);
+        return Read::TooLarge(response);
     }
-    let (parts, mut body) = response.into_parts();
-    let mut read = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Some(data) = frame.data_ref() {
-                    read.extend_from_slice(data);
-                }
-                if read.len() > limit {
-                    let body = ProxyBody::Prefixed {
-                        prefix: Some(read.freeze()),
-                        rest: Box::new(body),
-                    };
-                    return Whole::TooLarge(Response::from_parts(parts, body));
-                }
-            }
-            Err(error) => return Whole::Broken(format!("the upstream body broke: {error}")),
+    let (parts, body) = response.into_parts();
+    match body {
+        ProxyBody::Full(Some(body)) => Read::Whole(Filled::read(parts.status, parts.headers, body)),
+        ProxyBody::Full(None) => {
+            Read::Whole(Filled::read(parts.status, parts.headers, Bytes::new()))
         }
+        body => Read::Streamed(parts, body),
     }
-    Whole::Read(Filled {
-        status: parts.status,
-        headers: parts.headers,
-        body: read.freeze(),
-        stored: false,
-        upstream_answered: true,
-        rate: None,
-        shareable: false,
-    })
 }
 
-fn store(cache: &Cache, plan: &Plan, filled: &Filled) -> bool {
-    cache.store(
-        &plan.key,
-        &plan.path,
-        filled.status,
-        &filled.headers,
-        &filled.body,
-        Instant::now(),
-    )
+/// Bodies longer than this are compressed for storing on a blocking thread, off the workers.
+const COMPRESS_INLINE: usize = 64 * 1024;
+
+/// Stores a fill's answer if it may be stored; returns whether it was.
+async fn store(cache: &Arc<Cache>, plan: &Plan, filled: &Filled) -> bool {
+    if filled.body.len() <= COMPRESS_INLINE {
+        return cache.store(
+            &plan.key,
+            &plan.path,
+            filled.status,
+            &filled.headers,
+            &filled.body,
+            Instant::now(),
+        );
+    }
+    let (cache, key, path) = (cache.clone(), plan.key.clone(), plan.path.clone());
+    let (status, headers, body) = (filled.status, filled.headers.clone(), filled.body.clone());
+    let now = Instant::now();
+    tokio::task::spawn_blocking(move || cache.store(&key, &path, status, &headers, &body, now))
+        .await
+        .unwrap_or(false)
 }
 
 fn miss_status(stored: bool, collapsed: bool) -> Cow<'static, str> {
@@ -396,6 +429,24 @@ fn miss_status(stored: bool, collapsed: bool) -> Cow<'static, str> {
 fn respond(filled: &Filled, plan: &Plan) -> Response<ProxyBody> {
     let headers = crate::cache::stored_headers(&filled.headers);
     build(filled.status, &headers, filled.body.clone(), plan, None)
+}
+
+/// The head of an answer its client gets as it arrives, shaped as a fill's answer is.
+fn streamed(parts: http::response::Parts, body: ProxyBody, plan: &Plan) -> Response<ProxyBody> {
+    let mut headers = crate::cache::stored_headers(&parts.headers);
+    if headers.contains_key(CONTENT_ENCODING) {
+        headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
+    let body = if plan.head {
+        headers.remove(http::header::TRANSFER_ENCODING);
+        ProxyBody::full(Bytes::new())
+    } else {
+        body
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = parts.status;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// An entry's answer at `now`, with its `Age`.
