@@ -213,6 +213,44 @@ struct RawConfig {
     admin: RawAdmin,
     cluster: RawCluster,
     cache: RawCache,
+    clients: RawClients,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawClients {
+    require_token: bool,
+    apps: Vec<RawApp>,
+}
+
+/// One `[[clients.apps]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    #[serde(default)]
+    name: String,
+    /// One digest, or several (a rotation: old and new token both valid).
+    #[serde(default)]
+    token_sha256: Option<StringList>,
+    #[serde(default)]
+    token: String,
+    /// The name of an environment variable holding the token.
+    #[serde(default)]
+    token_env: String,
+    #[serde(default)]
+    api_key: String,
+    #[serde(default)]
+    alias: String,
+    #[serde(default = "default_share")]
+    share: u32,
+    #[serde(default)]
+    priority: String,
+    #[serde(default)]
+    requests_per_second: u32,
+}
+
+fn default_share() -> u32 {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -531,6 +569,40 @@ pub struct Config {
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
     pub cache: CacheConfig,
+    pub clients: ClientsConfig,
+}
+
+/// Apps sharing the proxy's keys (`[clients]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientsConfig {
+    /// A request without a known app token gets 401 code 3.
+    pub require_token: bool,
+    pub apps: Vec<AppConfig>,
+}
+
+/// One app: who it is (its token's digests), the key it is sent with, its share of that key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    /// Metric and log label.
+    pub name: String,
+    /// SHA-256 of each token the app may present (more than one during a rotation).
+    pub token_sha256: Vec<[u8; 32]>,
+    /// The TMDB key (v3) or read token (v4) the app's requests are sent with.
+    pub credential: Secret,
+    /// Weight among the key's apps while it is saturated.
+    pub share: NonZeroU32,
+    pub priority: Priority,
+    /// A hard cap of the app's own, under the key's.
+    pub requests_per_second: Option<NonZeroU32>,
+}
+
+/// Which of a key's apps is served first while the key is saturated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Users waiting on the answer: served first.
+    Interactive,
+    /// Backfills and scrapers: what interactive traffic leaves, and a small floor.
+    Batch,
 }
 
 /// The response cache (`[cache]`).
@@ -907,6 +979,7 @@ impl Config {
 
     fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
         let keys = validate_keys(raw.keys)?;
+        let clients = validate_clients(raw.clients, &keys, &|name| std::env::var(name).ok())?;
         let cfg = Self {
             server: validate_server(raw.server)?,
             upstream: validate_upstream(raw.upstream)?,
@@ -923,6 +996,7 @@ impl Config {
             },
             cluster: validate_cluster(raw.cluster)?,
             cache: validate_cache(raw.cache)?,
+            clients,
         };
         // A token's stamp is taken in Redis during the call; the request leaves after the reply.
         // The window's margin must cover that way back as well as the departure tolerance.
@@ -938,6 +1012,198 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// Most apps in `[[clients.apps]]`.
+const MAX_APPS: usize = 256;
+
+/// Largest `share`.
+const MAX_SHARE: u32 = 10_000;
+
+fn validate_clients(
+    raw: RawClients,
+    keys: &KeysConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ClientsConfig, ConfigError> {
+    const APPS: &str = "clients.apps";
+    if raw.apps.len() > MAX_APPS {
+        return Err(invalid(APPS, format!("at most {MAX_APPS} apps")));
+    }
+    if raw.require_token && raw.apps.is_empty() {
+        return Err(invalid(
+            "clients.require_token",
+            "is on but no [[clients.apps]] are configured: every request would get 401",
+        ));
+    }
+    let mut apps: Vec<AppConfig> = Vec::with_capacity(raw.apps.len());
+    for (i, app) in raw.apps.into_iter().enumerate() {
+        let n = i + 1;
+        let name = app.name.trim().to_owned();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(invalid(
+                APPS,
+                format!("entry {n}: name must be 1-64 letters, digits, `_` or `-`"),
+            ));
+        }
+        if apps.iter().any(|seen| seen.name == name) {
+            return Err(invalid(
+                APPS,
+                format!("app `{name}`: the name is used twice"),
+            ));
+        }
+        let mut digests = Vec::new();
+        for digest in app
+            .token_sha256
+            .map(StringList::into_items)
+            .unwrap_or_default()
+        {
+            digests.push(parse_sha256(digest.trim()).ok_or_else(|| {
+                invalid(
+                    APPS,
+                    format!("app `{name}`: token_sha256 must be 64 hex digits (SHA-256)"),
+                )
+            })?);
+        }
+        let token = app.token.trim();
+        if !token.is_empty() {
+            digests.push(sha256(token.as_bytes()));
+        }
+        let token_env = app.token_env.trim();
+        if !token_env.is_empty() {
+            let token = env(token_env).unwrap_or_default();
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(invalid(
+                    APPS,
+                    format!(
+                        "app `{name}`: token_env names `{token_env}`, which is not set or empty"
+                    ),
+                ));
+            }
+            digests.push(sha256(token.as_bytes()));
+        }
+        if digests.is_empty() {
+            return Err(invalid(
+                APPS,
+                format!("app `{name}`: give token_sha256, token or token_env"),
+            ));
+        }
+        if let Some(other) = apps
+            .iter()
+            .find(|seen| seen.token_sha256.iter().any(|d| digests.contains(d)))
+        {
+            return Err(invalid(
+                APPS,
+                format!(
+                    "app `{name}`: a token of app `{}` is given again",
+                    other.name
+                ),
+            ));
+        }
+        let credential = match (app.api_key.trim(), app.alias.trim()) {
+            (key, "") if !key.is_empty() => Secret(key.to_owned()),
+            ("", alias) if !alias.is_empty() => keys
+                .aliases
+                .iter()
+                .find(|(known, _)| known == alias)
+                .map(|(_, secret)| secret.clone())
+                .ok_or_else(|| {
+                    invalid(
+                        APPS,
+                        format!("app `{name}`: alias `{alias}` is not defined in [keys.aliases]"),
+                    )
+                })?,
+            ("", "") => keys.default_api_key.clone().ok_or_else(|| {
+                invalid(
+                    APPS,
+                    format!(
+                        "app `{name}`: give api_key or alias (or set keys.default_api_key for it to use)"
+                    ),
+                )
+            })?,
+            _ => {
+                return Err(invalid(
+                    APPS,
+                    format!("app `{name}`: give api_key or alias, not both"),
+                ));
+            }
+        };
+        if credential
+            .expose()
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                APPS,
+                format!("app `{name}`: the key contains whitespace or control characters"),
+            ));
+        }
+        let share = NonZeroU32::new(app.share)
+            .filter(|share| share.get() <= MAX_SHARE)
+            .ok_or_else(|| {
+                invalid(
+                    APPS,
+                    format!("app `{name}`: share must be 1 to {MAX_SHARE}"),
+                )
+            })?;
+        let priority = match app.priority.trim().to_ascii_lowercase().as_str() {
+            "" | "interactive" => Priority::Interactive,
+            "batch" => Priority::Batch,
+            _ => {
+                return Err(invalid(
+                    APPS,
+                    format!("app `{name}`: priority must be \"interactive\" or \"batch\""),
+                ));
+            }
+        };
+        if app.requests_per_second > MAX_REQUESTS_PER_SECOND {
+            return Err(invalid(
+                APPS,
+                format!(
+                    "app `{name}`: requests_per_second must be 0 (no cap) to {MAX_REQUESTS_PER_SECOND}"
+                ),
+            ));
+        }
+        apps.push(AppConfig {
+            name,
+            token_sha256: digests,
+            credential,
+            share,
+            priority,
+            requests_per_second: NonZeroU32::new(app.requests_per_second),
+        });
+    }
+    Ok(ClientsConfig {
+        require_token: raw.require_token,
+        apps,
+    })
+}
+
+/// The SHA-256 digest of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// 64 hex digits (either case) as a digest.
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let digit = |b: u8| char::from(b).to_digit(16);
+    let mut out = [0; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(out)
 }
 
 /// TMDB's API terms: nothing cached for longer than six months.
@@ -1726,6 +1992,91 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("upstream.paths"), "{msg}");
+    }
+
+    #[test]
+    fn apps_are_validated_and_their_secrets_never_shown() {
+        let digest = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
+        let cfg = Config::from_toml_str(&format!(
+            "[keys]\ndefault_api_key = \"DEFAULTKEY\"\n[keys.aliases]\nmain = \"MAINKEY\"\n\
+             [clients]\nrequire_token = true\n\
+             [[clients.apps]]\nname = \"web\"\ntoken_sha256 = \"{digest}\"\nalias = \"main\"\nshare = 3\n\
+             [[clients.apps]]\nname = \"scraper\"\ntoken = \"SCRAPERTOKEN\"\npriority = \"batch\"\nrequests_per_second = 5\n"
+        ))
+        .unwrap();
+        let apps = &cfg.clients.apps;
+        assert!(cfg.clients.require_token);
+        assert_eq!(
+            apps[0].token_sha256,
+            [sha256(b"test")],
+            "either case of hex"
+        );
+        assert_eq!(
+            (apps[0].credential.expose(), apps[0].share.get()),
+            ("MAINKEY", 3)
+        );
+        assert_eq!(apps[0].priority, Priority::Interactive);
+        assert_eq!(
+            apps[1].credential.expose(),
+            "DEFAULTKEY",
+            "the default key when none given"
+        );
+        assert_eq!(apps[1].token_sha256, [sha256(b"SCRAPERTOKEN")]);
+        assert_eq!(apps[1].priority, Priority::Batch);
+        assert_eq!(apps[1].requests_per_second.map(NonZeroU32::get), Some(5));
+        assert!(!format!("{cfg:?}").contains("SCRAPERTOKEN"));
+
+        let app = "[[clients.apps]]\nname = \"a\"\napi_key = \"APPKEY\"\n";
+        for (toml, says) in [
+            (app.to_owned(), "give token_sha256, token or token_env"),
+            (format!("{app}token_sha256 = \"abc\"\n"), "64 hex digits"),
+            (
+                format!("{app}token = \"T0KEN1\"\nshare = 0\n"),
+                "share must be 1",
+            ),
+            (
+                format!("{app}token = \"T0KEN1\"\npriority = \"urgent\"\n"),
+                "priority must be",
+            ),
+            (
+                format!("{app}token = \"T0KEN1\"\nalias = \"x\"\n"),
+                "api_key or alias, not both",
+            ),
+            (
+                format!("{app}token_env = \"TMDB_PROXY_TEST_UNSET_VAR\"\n"),
+                "not set or empty",
+            ),
+            (
+                format!(
+                    "{app}token = \"T0KEN1\"\n[[clients.apps]]\nname = \"b\"\ntoken = \"T0KEN1\"\napi_key = \"K\"\n"
+                ),
+                "a token of app `a` is given again",
+            ),
+            (
+                format!(
+                    "{app}token = \"T0KEN1\"\n[[clients.apps]]\nname = \"a\"\ntoken = \"T0KEN2\"\napi_key = \"K\"\n"
+                ),
+                "used twice",
+            ),
+            (
+                "[[clients.apps]]\nname = \"no key\"\ntoken = \"T0KEN1\"\n".to_owned(),
+                "name must be",
+            ),
+            (
+                "[[clients.apps]]\nname = \"nokey\"\ntoken = \"T0KEN1\"\n".to_owned(),
+                "give api_key or alias",
+            ),
+            (
+                "[clients]\nrequire_token = true\n".to_owned(),
+                "no [[clients.apps]]",
+            ),
+        ] {
+            let msg = Config::from_toml_str(&toml).unwrap_err().to_string();
+            assert!(msg.contains(says), "{toml}: {msg}");
+            for secret in ["T0KEN1", "T0KEN2", "APPKEY"] {
+                assert!(!msg.contains(secret), "{secret} shown: {msg}");
+            }
+        }
     }
 
     #[test]
