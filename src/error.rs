@@ -22,6 +22,9 @@ pub enum ProxyError {
     /// No `api_key`, no bearer token, and no default key configured.
     #[error("request carries no API key and no default key is configured")]
     MissingKey,
+    /// An app token that names no configured app, or none while `clients.require_token` is on.
+    #[error("no known app token")]
+    InvalidToken,
     /// Over a limit: the key's, the global one, a pause after an upstream 429, a full table, the
     /// drain; or the upstream's own 429 with a body that is not TMDB's.
     #[error("rate limited ({:?}): {} requests in the window, limit {}", .0.reason, .0.count, .0.limit)]
@@ -81,7 +84,9 @@ impl ProxyError {
             Self::ForeignTarget | Self::HostNotAllowed | Self::BodyBroken(_) => {
                 ErrorBody::for_code(code::INVALID_INPUT)
             }
-            Self::OriginNotAllowed => ErrorBody::for_code(code::AUTHENTICATION_FAILED),
+            Self::OriginNotAllowed | Self::InvalidToken => {
+                ErrorBody::for_code(code::AUTHENTICATION_FAILED)
+            }
             // TMDB's body for invalid input, with the status that says what was wrong.
             Self::HeadersTooLarge => ErrorBody {
                 http: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

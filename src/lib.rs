@@ -10,6 +10,8 @@
 //! - [`proxy`]: `Proxy::handle → process → finish`: the phases in order, the admission step
 //!   (token, ready connection, confirm), the per-request context, the one exit, the response
 //!   body held for slow clients, and the guard of the injected key.
+//! - [`clients`]: apps sharing a key: their tokens, the key each is sent with, and the fair
+//!   shares and priorities between the apps of a saturated key.
 //! - [`limiter`]: the budget interface, the local budget, its `DashMap` store, the pure bucket
 //!   math of one key, and the keys lately known to the upstream.
 //! - [`upstream`]: the capped pool of upstream connections and its waiting room (in turn by key),
@@ -24,6 +26,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod clients;
 pub mod config;
 pub mod error;
 #[cfg(test)]

@@ -61,12 +61,32 @@ struct KeyLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabels {
+    app: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppName {
+    app: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 1 ms to ~8 s: how long a request waited for its token.
+fn wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
+}
+
 /// All of the proxy's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     key_requests: Family<KeyLabels, Counter>,
+    app_requests: Family<AppLabels, Counter>,
+    app_wait: Histograms<AppName>,
     upstream_latency: Histogram,
     upstream_429: Counter,
     queue_waiting: Gauge,
@@ -167,6 +187,18 @@ impl Metrics {
             "Requests of keys given an alias in [keys.aliases], by outcome",
             key_requests.clone(),
         );
+        let app_requests = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "app_requests",
+            "Requests of apps in [[clients.apps]], by outcome",
+            app_requests.clone(),
+        );
+        let app_wait: Histograms<AppName> = Family::new_with_constructor(wait_histogram);
+        registry.register(
+            "app_queue_wait_seconds",
+            "Time requests of each app in [[clients.apps]] waited for a token",
+            app_wait.clone(),
+        );
         // 1 ms to ~16 s.
         let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register(
@@ -232,6 +264,8 @@ impl Metrics {
             registry,
             requests,
             key_requests,
+            app_requests,
+            app_wait,
             upstream_latency,
             upstream_429,
             queue_waiting,
@@ -268,6 +302,21 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Counts one answered request of an app, and how long it waited for its token.
+    pub fn record_app(&self, app: &str, outcome: Outcome, waited: Duration) {
+        self.app_requests
+            .get_or_create(&AppLabels {
+                app: app.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        self.app_wait
+            .get_or_create(&AppName {
+                app: app.to_owned(),
+            })
+            .observe(waited.as_secs_f64());
     }
 
     pub fn record_upstream_latency(&self, latency: Duration) {

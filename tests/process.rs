@@ -262,12 +262,26 @@ async fn no_output_shows_a_key_or_token() {
     let secrets_toml = "[keys]\ndefault_api_key = \"DEFAULTSECRET0001\"\n\
         [keys.aliases]\nweb = \"ALIASSECRET0005\"\n\
         [[limit.overrides]]\nkey = \"OVERRIDESECRET0006\"\nrequests_per_second = 10\n\
+        [[clients.apps]]\nname = \"web\"\ntoken = \"APPTOKENSECRET0008\"\napi_key = \"APPKEYSECRET0009\"\n\
+        [[clients.apps]]\nname = \"batch\"\ntoken = \"APPTOKENSECRET0011\"\nalias = \"web\"\npriority = \"batch\"\n\
         [log]\nlevel = \"debug\"\n";
     let proxy = Process::start("secrets", &config_for(&sim, secrets_toml)).await;
     let client = http1_client();
     let jwt = jwt_with_aud("AUDSECRET0003");
     let bearer = format!("Bearer {jwt}");
-    let requests: [(&str, Vec<(&str, &str)>); 9] = [
+    let requests: [(&str, Vec<(&str, &str)>); 12] = [
+        (
+            "/3/movie/9?api_key=QUERYSECRET0002",
+            vec![("x-proxy-token", "APPTOKENSECRET0008")],
+        ),
+        (
+            "/3/movie/10",
+            vec![("proxy-authorization", "Bearer APPTOKENSECRET0011")],
+        ),
+        (
+            "/3/movie/11",
+            vec![("x-proxy-token", "UNKNOWNTOKENSECRET0010")],
+        ),
         ("/3/movie/1?api_key=QUERYSECRET0002", vec![]),
         ("/3/movie/2", vec![("authorization", bearer.as_str())]),
         (
@@ -326,6 +340,10 @@ async fn no_output_shows_a_key_or_token() {
         "ALIASSECRET0005",
         "OVERRIDESECRET0006",
         "BROKENSECRET0007",
+        "APPTOKENSECRET0008",
+        "APPKEYSECRET0009",
+        "UNKNOWNTOKENSECRET0010",
+        "APPTOKENSECRET0011",
         jwt.as_str(),
     ] {
         for output in &outputs {

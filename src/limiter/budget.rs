@@ -158,6 +158,10 @@ pub enum Reason {
     UpstreamRateLimited,
     /// Every upstream connection is busy and the key already waits for its share of them.
     ConnectionShare,
+    /// The key is saturated and the app took its share of it (`[[clients.apps]]`).
+    AppShare,
+    /// The app is at its own `requests_per_second`.
+    AppCap,
 }
 
 /// A request refused over a limit: why, and what its client is told.

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::ctx::RequestCtx;
+use crate::clients::Lane;
 use crate::error::ProxyError;
 use crate::limiter::{Budget, Grant, Key, KnownKeys, RateState, Reason, Refusal};
 use crate::upstream::{Busy, Lease, Standing, Upstream, UpstreamError};
@@ -136,8 +137,10 @@ impl Admission {
         // upstream's answer together, whatever re-queueing happens between.
         let mut deadline = None;
         let mut attempt = 1;
+        let app = ctx.app.clone();
+        let lane = app.as_ref().map(|app| (&app.lane, app.index));
         loop {
-            let mut held = match self.token(key, since, max_wait).await {
+            let mut held = match self.token(key, lane, since, max_wait).await {
                 Ok(held) => held,
                 Err(refusal) => return Err(refused(ctx, refusal)),
             };
@@ -179,13 +182,31 @@ impl Admission {
     /// The request's token: at once, or after sleeping until its turn (perhaps more than once: a
     /// queued request takes its global token when its key's turn comes, and may queue for that
     /// too). `max_wait` counts from `since`, the request's first try.
+    ///
+    /// A request of an app goes by its key's lane (`clients::fair`): in queue mode the lane
+    /// hands it a token in the order of shares and priorities; in reject mode the lane may
+    /// refuse it first, to keep the key's last tokens for apps under their share.
     async fn token(
         &self,
         key: Key,
+        lane: Option<(&Arc<Lane>, usize)>,
         since: Instant,
         max_wait: Duration,
     ) -> Result<Held<'_>, Refusal> {
         let mut drained = self.drain.subscribe();
+        if let Some((lane, app)) = lane {
+            if !max_wait.is_zero() {
+                let _queued = Queued::enter(&self.queued);
+                let until = since + max_wait;
+                let grant = lane
+                    .turn(app, &self.budget, max_wait, until, &mut drained)
+                    .await?;
+                return Ok(Held::new(&*self.budget, grant));
+            }
+            let now = Instant::now();
+            let rate = self.budget.peek(key, now);
+            lane.check(app, rate.limit, rate.remaining, now)?;
+        }
         'queue: loop {
             let now = Instant::now();
             let wait = self.wait_left(&mut drained, since, max_wait, now);
@@ -204,6 +225,9 @@ impl Admission {
                     Err(refusal) if refusal.reason == Reason::Paused => continue 'queue,
                     Err(refusal) => return Err(refusal),
                 }
+            }
+            if let Some((lane, app)) = lane {
+                lane.note_use(app, Instant::now());
             }
             return Ok(held);
         }

@@ -236,6 +236,7 @@ impl Proxy {
         let (cache, key, path) = (plan.cache.clone(), plan.key.clone(), plan.path.clone());
         let mut fill_ctx = RequestCtx::new(ctx.id.clone(), &Method::GET, &path);
         fill_ctx.key = ctx.key;
+        fill_ctx.app = ctx.app.clone();
         tokio::spawn(async move {
             let plan = Plan {
                 cache: cache.clone(),

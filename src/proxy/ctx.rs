@@ -5,12 +5,14 @@
 //! to write the headers, the metric and the log line, the same way for every outcome.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
 use super::guard::Cors;
+use crate::clients::App;
 use crate::limiter::{Key, RateState};
 use crate::tmdb::auth;
 
@@ -30,6 +32,8 @@ pub enum Source {
     Bearer,
     /// None on the request: the configured default key, to be injected upstream.
     Default,
+    /// An app's token: the app's key, injected upstream in place of any the request carried.
+    App,
 }
 
 /// The key a configured credential (a default key, an alias, an override) spends: a read token
@@ -66,6 +70,8 @@ pub struct RequestCtx {
     pub cors: Cors,
     /// How the cache took part: its `X-Cache` and `Cache-Status` (none without a cache).
     pub cache: Option<(&'static str, Cow<'static, str>)>,
+    /// The app whose token the request presented.
+    pub app: Option<Arc<App>>,
 }
 
 impl RequestCtx {
@@ -85,6 +91,7 @@ impl RequestCtx {
             upstream_429: None,
             cors: Cors::Any,
             cache: None,
+            app: None,
         }
     }
 }

@@ -313,19 +313,37 @@ impl Proxy {
         }
         // request_filter: never forwarded, ambiguous, whose budget, what TMDB would refuse. The
         // query is split once, here, and read by every step that needs it.
+        // An app's token is read (and removed) first: a known one decides the key.
+        let app = settings.apps.identify(&mut parts.headers)?;
+        if let Some(app) = &app {
+            phases::send_as_app(&mut parts.headers, app);
+        }
         let (identity, target, cache_key) = {
             let query = Query::parse(parts.uri.query());
             phases::check_target(&parts, &settings.rules)?;
-            phases::check_credentials(&query, &parts.headers)?;
-            let identity = phases::identify(&parts.headers, &query, settings.rules.default_key)?;
+            let identity = match &app {
+                Some(app) => Identity {
+                    key: app.key,
+                    source: Source::App,
+                },
+                None => {
+                    phases::check_credentials(&query, &parts.headers)?;
+                    phases::identify(&parts.headers, &query, settings.rules.default_key)?
+                }
+            };
             ctx.key = Some(identity.key);
+            ctx.app = app.clone();
             if let (Source::Default, Some(guard)) = (identity.source, &settings.guard) {
                 ctx.cors = guard.cors(&parts.headers);
                 guard.admit(&parts)?;
             }
             phases::check_query(&query, settings.rules.savers)?;
-            let default_key = settings.default_key.as_ref();
-            let target = phases::upstream_target(&parts.uri, &query, identity, default_key);
+            let inject = match (identity.source, &app) {
+                (Source::App, Some(app)) => Some((&app.credential, !app.bearer)),
+                (Source::Default, _) => settings.default_key.as_ref().map(|key| (key, true)),
+                _ => None,
+            };
+            let target = phases::upstream_target(&parts.uri, &query, inject);
             let cache_key = settings.cache.as_ref().map(|cache| {
                 let honor = cache.config().honor_client_no_cache;
                 cache::rules::key(
@@ -385,7 +403,7 @@ impl Proxy {
                 return Err(UpstreamError::Timeout(settings.upstream.request_timeout()).into());
             }
         };
-        if identity.source == Source::Default {
+        if matches!(identity.source, Source::Default | Source::App) {
             phases::strip_injected_key(response.headers_mut());
         }
         Ok(response)
@@ -488,6 +506,10 @@ impl Proxy {
         }
         let metrics = &self.shared.metrics;
         metrics.record_request(outcome, tmdb_code, settings.alias(ctx.key));
+        let app = ctx.app.as_ref().map(|app| &*app.name);
+        if let Some(app) = app {
+            metrics.record_app(app, outcome, ctx.waited);
+        }
         if ctx.upstream_429.is_some() {
             metrics.record_upstream_429();
         }
@@ -499,6 +521,7 @@ impl Proxy {
             path = %ctx.path,
             status = status.as_u16(),
             key = %KeyLabel(ctx.key),
+            app = app.unwrap_or("-"),
             limited,
             waited_ms = ctx.waited.as_millis() as u64,
             upstream_ms = ctx.upstream_latency.map(|d| d.as_millis() as u64),
@@ -539,6 +562,7 @@ fn classify(
                 }
                 ProxyError::RateLimited(_) => Outcome::Limited,
                 ProxyError::MissingKey
+                | ProxyError::InvalidToken
                 | ProxyError::MethodNotAllowed(_)
                 | ProxyError::HeadersTooLarge
                 | ProxyError::BodyTooLarge

@@ -10,8 +10,8 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, HOST, HeaderValue,
-    LOCATION,
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, HOST,
+    HeaderValue, LOCATION,
 };
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::body::{self, Delivery, ProxyBody};
 use super::ctx::{Identity, Source};
 use super::headers::{self, X_FORWARDED_FOR, strip_hop_by_hop};
+use crate::clients::App;
 use crate::config::{QuotaSavers, Secret};
 use crate::error::ProxyError;
 use crate::limiter::{Key, Refusal};
@@ -167,15 +168,16 @@ where
     }
 }
 
-/// The path and query to send upstream: the client's, byte for byte, unless the request spends
-/// the default key, which is then added as `api_key` (replacing any empty `api_key` pair).
+/// The path and query to send upstream: the client's, byte for byte, unless the proxy sends the
+/// request with a key of its own (`inject`: the default key, or an app's), which replaces every
+/// `api_key` pair; it is added as `api_key` when the flag says so (an app's v4 token goes in
+/// `Authorization` instead, see [`send_as_app`]).
 pub fn upstream_target(
     uri: &Uri,
     query: &Query<'_>,
-    identity: Identity,
-    default_key: Option<&Secret>,
+    inject: Option<(&Secret, bool)>,
 ) -> Option<PathAndQuery> {
-    let (Source::Default, Some(secret)) = (identity.source, default_key) else {
+    let Some((secret, as_query)) = inject else {
         return uri.path_and_query().cloned();
     };
     let mut pq = String::with_capacity(uri.path().len() + uri.query().map_or(0, str::len) + 48);
@@ -185,10 +187,27 @@ pub fn upstream_target(
         pq.push_str(raw);
         pq.push('&');
     }
-    pq.push_str(API_KEY_PARAM);
-    pq.push('=');
-    pq.extend(form_urlencoded::byte_serialize(secret.expose().as_bytes()));
+    if as_query {
+        pq.push_str(API_KEY_PARAM);
+        pq.push('=');
+        pq.extend(form_urlencoded::byte_serialize(secret.expose().as_bytes()));
+    } else {
+        pq.pop();
+    }
     PathAndQuery::try_from(pq).ok()
+}
+
+/// A request of `app` carries the app's credential and no other: the client's `Authorization`
+/// goes, and an app sent with a v4 token gets it there.
+pub fn send_as_app(headers: &mut HeaderMap, app: &App) {
+    headers.remove(AUTHORIZATION);
+    if app.bearer {
+        let value = format!("{}{}", auth::BEARER_PREFIX, app.credential.expose());
+        if let Ok(mut value) = HeaderValue::try_from(value) {
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+    }
 }
 
 /// Builds the upstream request: `target` in origin-form (`GET /3/movie/550?... HTTP/1.1`) with
@@ -464,7 +483,7 @@ mod tests {
         let query = Query::parse(p.uri.query());
         let identity = identify(&p.headers, &query, Some(Key::of("D+1"))).unwrap();
         assert_eq!(identity.source, Source::Default);
-        let target = upstream_target(&p.uri, &query, identity, Some(&Secret::new("D+1")));
+        let target = upstream_target(&p.uri, &query, Some((&Secret::new("D+1"), true)));
         drop(query);
         let req = upstream_request(
             p,
@@ -497,7 +516,9 @@ mod tests {
         let parts = parts(req);
         let query = Query::parse(parts.uri.query());
         let identity = identify(&parts.headers, &query, None).unwrap();
-        let target = upstream_target(&parts.uri, &query, identity, Some(&Secret::new("D")));
+        assert_eq!(identity.source, Source::Query);
+        // A request with a key of its own has nothing injected.
+        let target = upstream_target(&parts.uri, &query, None);
         drop(query);
         let up = upstream_request(
             parts,

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use crate::cache::Cache;
+use crate::clients::Apps;
 use crate::config::{Config, Secret, UpstreamConfig};
 use crate::limiter::Key;
 use crate::upstream::{BuildError, Dialer, Upstream};
@@ -41,6 +42,8 @@ pub(super) struct Settings {
     pub(super) aliases: HashMap<Key, Arc<str>>,
     /// The response cache (kept across reloads that leave `[cache]` alone).
     pub(super) cache: Option<Arc<Cache>>,
+    /// Apps and their tokens (`[clients]`).
+    pub(super) apps: Apps,
 }
 
 impl Settings {
@@ -92,6 +95,10 @@ impl Settings {
             guard: default_key.as_ref().map(|_| Guard::new(&cfg.server)),
             default_key,
             aliases,
+            apps: Apps::new(
+                &cfg.clients,
+                Duration::from_secs(1) + cfg.limit.window_margin,
+            ),
             cache: match current.and_then(|c| c.cache.as_ref()) {
                 _ if !cfg.cache.enabled => None,
                 Some(cache) if cache.config() == &cfg.cache => Some(cache.clone()),
