@@ -842,6 +842,16 @@ pub struct KeysConfig {
     pub aliases: Vec<(String, Secret)>,
 }
 
+impl KeysConfig {
+    /// The key named `alias` in `[keys.aliases]`.
+    pub fn alias(&self, alias: &str) -> Option<Secret> {
+        self.aliases
+            .iter()
+            .find(|(name, _)| name == alias)
+            .map(|(_, secret)| secret.clone())
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -1107,12 +1117,7 @@ fn validate_clients(
         }
         let credential = match (app.api_key.trim(), app.alias.trim()) {
             (key, "") if !key.is_empty() => Secret(key.to_owned()),
-            ("", alias) if !alias.is_empty() => keys
-                .aliases
-                .iter()
-                .find(|(known, _)| known == alias)
-                .map(|(_, secret)| secret.clone())
-                .ok_or_else(|| {
+            ("", alias) if !alias.is_empty() => keys.alias(alias).ok_or_else(|| {
                     invalid(
                         APPS,
                         format!("app `{name}`: alias `{alias}` is not defined in [keys.aliases]"),
@@ -1559,20 +1564,15 @@ fn validate_limit(raw: RawLimit, keys: &KeysConfig) -> Result<LimitConfig, Confi
             })?;
         let secret = match (entry.key.trim(), entry.alias.trim()) {
             (key, "") if !key.is_empty() => Secret(key.to_owned()),
-            ("", alias) if !alias.is_empty() => keys
-                .aliases
-                .iter()
-                .find(|(name, _)| name == alias)
-                .map(|(_, secret)| secret.clone())
-                .ok_or_else(|| {
-                    invalid(
-                        OVERRIDES,
-                        format!(
-                            "entry {}: alias `{alias}` is not defined in [keys.aliases]",
-                            i + 1
-                        ),
-                    )
-                })?,
+            ("", alias) if !alias.is_empty() => keys.alias(alias).ok_or_else(|| {
+                invalid(
+                    OVERRIDES,
+                    format!(
+                        "entry {}: alias `{alias}` is not defined in [keys.aliases]",
+                        i + 1
+                    ),
+                )
+            })?,
             _ => {
                 return Err(invalid(
                     OVERRIDES,

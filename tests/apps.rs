@@ -222,6 +222,17 @@ fn arrivals_by_app(sim: &Sim, token: &str) -> Vec<Instant> {
         .collect()
 }
 
+/// How many of `times` lie from `from` to `to` seconds after `start`.
+fn count_between(times: &[Instant], start: Instant, from: u64, to: u64) -> usize {
+    times
+        .iter()
+        .filter(|at| {
+            let since = at.duration_since(start);
+            since >= Duration::from_secs(from) && since < Duration::from_secs(to)
+        })
+        .count()
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_interactive_app_goes_first_while_a_batch_app_takes_the_rest() {
     let harness = InProcess::new(&web_and_scraper(), sim().await);
@@ -290,15 +301,7 @@ async fn two_apps_with_shares_3_to_1_split_the_key_and_one_alone_gets_all_of_it(
     let big = arrivals_by_app(&harness.sim, "big");
     let small = arrivals_by_app(&harness.sim, "small");
     let start = big[0].min(small[0]);
-    let between = |times: &[Instant], from: u64, to: u64| {
-        times
-            .iter()
-            .filter(|at| {
-                let since = at.duration_since(start);
-                since >= Duration::from_secs(from) && since < Duration::from_secs(to)
-            })
-            .count()
-    };
+    let between = |times: &[Instant], from: u64, to: u64| count_between(times, start, from, to);
     // Both pushing, from 2 s to 8 s.
     let (b, s) = (between(&big, 2, 8), between(&small, 2, 8));
     let big_share = b as f64 / (b + s) as f64;
@@ -329,12 +332,7 @@ async fn in_reject_mode_shares_hold_by_refusing_the_app_over_its_share() {
     let big = arrivals_by_app(&harness.sim, "big");
     let small = arrivals_by_app(&harness.sim, "small");
     let start = big[0].min(small[0]);
-    let after = |times: &[Instant]| {
-        times
-            .iter()
-            .filter(|at| at.duration_since(start) >= Duration::from_secs(2))
-            .count()
-    };
+    let after = |times: &[Instant]| count_between(times, start, 2, u64::MAX);
     let (b, s) = (after(&big), after(&small));
     let big_share = b as f64 / (b + s) as f64;
     assert!(
