@@ -4,8 +4,11 @@
 # proxy process (utime + stime from /proc over the round). The machine is shared and noisy:
 # compare the medians of the two columns, not figures across runs.
 #
-#   bash benches/compare.sh OLD_BINARY NEW_BINARY [TMDB_SIM_BINARY]
-#   ROUNDS=5 DURATION=6s CONNS=64 bash benches/compare.sh /tmp/before/tmdb-proxy target/release/tmdb-proxy
+#   bash benches/compare.sh OLD_BINARY NEW_BINARY [TMDB_SIM_BINARY | nginx]
+#   ROUNDS=5 DURATION=6s CONNS=64 bash benches/compare.sh /tmp/before/tmdb-proxy target/release/tmdb-proxy nginx
+#
+# With `nginx` the upstream is nginx answering from memory (benches/common.sh), which costs far
+# less CPU than tmdb-sim and so disturbs the proxies' figures less.
 #
 # Both proxies run in reject mode with a limit too high to bite, 1,000 keys round-robin, up to 64
 # upstream connections. Installs wrk with apt-get if missing. Every process it starts is stopped
@@ -22,16 +25,22 @@ CONNS=${CONNS:-64}
 
 # shellcheck source=benches/common.sh
 source benches/common.sh
-[ -x "$SIM" ] || cargo build --release --quiet --bin tmdb-sim
+if [ "$SIM" = nginx ]; then
+    start_static_upstream
+else
+    [ -x "$SIM" ] || cargo build --release --quiet --bin tmdb-sim
+    sim_port=$(free_port)
+    "$SIM" --listen "127.0.0.1:$sim_port" --rate-limit 0 2>"$work/sim.log" &
+    pids+=($!)
+    wait_port "$sim_port"
+fi
 
-sim_port=$(free_port)
-"$SIM" --listen "127.0.0.1:$sim_port" --rate-limit 0 2>"$work/sim.log" &
-pids+=($!)
-wait_port "$sim_port"
-
+# The cache is off: every request is proxied (its hit path is benches/cache_hits.sh).
 reject="[limit]
 requests_per_second = 1000000
-mode = \"reject\""
+mode = \"reject\"
+[cache]
+enabled = false"
 start_proxy "$OLD" old 64 "$reject"
 old_pid=$proxy_pid
 old_port=$proxy_port
