@@ -46,8 +46,15 @@ impl Ours {
         }
     }
 
+    /// As `LocalBudget` decides: a refusal under the read lock when the key's earliest slot is
+    /// beyond the wait, else the bucket's full decision under the write lock.
     fn decide(&self, key: Key) -> bool {
         let now = self.epoch.elapsed().as_nanos() as Nanos;
+        if let Some(quick) = self.store.quick(key)
+            && quick.deny(now, QUOTA, 0).is_some()
+        {
+            return false;
+        }
         matches!(
             self.store
                 .update(key, |bucket| bucket.acquire(now, QUOTA, 0)),

@@ -57,6 +57,40 @@ impl Quota {
     }
 }
 
+/// What a refusal under a read lock needs of a bucket (see [`Bucket::quick_deny`]): small, so a
+/// store can keep it inline beside a boxed bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quick {
+    until: Nanos,
+    paused_until: Nanos,
+    tag: u32,
+}
+
+impl Quick {
+    /// [`Bucket::quick_deny`] from the copy.
+    pub fn deny(&self, now: Nanos, quota: Quota, max_wait: Nanos) -> Option<Decision> {
+        let same_quota = self.tag == quick_tag(quota);
+        let beyond = self.until > now.saturating_add(CLOCK_SKEW).saturating_add(max_wait);
+        (same_quota && beyond).then_some(Decision::Deny {
+            in_window: quota.capacity,
+            next_free: self.until,
+        })
+    }
+
+    /// [`Bucket::is_paused`] from the copy.
+    pub fn is_paused(&self, t: Nanos) -> bool {
+        t < self.paused_until
+    }
+}
+
+/// A quota as [`Bucket::quick_deny`] compares it, in 32 bits: the capacity (at most 1,000,000,
+/// 20 bits) and the window in whole milliseconds (at most 1.5 s, 11 bits). Two windows within
+/// the same millisecond look alike; reloads move the margin by whole milliseconds or more.
+fn quick_tag(quota: Quota) -> u32 {
+    let window_ms = (quota.window / 1_000_000).min(0x7ff);
+    (quota.capacity << 11) | u32::try_from(window_ms).unwrap_or(0x7ff)
+}
+
 /// What a bucket says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -139,6 +173,12 @@ pub struct Bucket {
     #[allow(clippy::box_collection)]
     // Boxed: 8 bytes in every bucket instead of 24 for a rare Vec.
     holes: Option<Box<Vec<Nanos>>>,
+    /// The earliest slot as of the last change, for refusals decided under a read lock (see
+    /// [`Bucket::quick_deny`]): what `next_slot` gives before `now` is taken into account, under
+    /// the quota `quick_quota` names. 0 while given-back slots are held (one may come earlier).
+    quick_until: Nanos,
+    /// The quota `quick_until` was worked out for (see `quick_tag`).
+    quick_quota: u32,
 }
 
 impl Bucket {
@@ -224,8 +264,57 @@ impl Bucket {
             .saturating_sub(u32::try_from(in_window).unwrap_or(u32::MAX))
     }
 
+    /// A refusal decided without changing anything: `Some` only if the slow path
+    /// ([`Bucket::acquire`]) would refuse too, because even the earliest slot as of the last
+    /// change lies beyond `max_wait` (and the clock skew, which may move `now` forward). Nothing
+    /// but a change makes that slot earlier: time passing only lets old stamps refill, and the
+    /// slot already counts from the one that must refill first. A key far over its limit is
+    /// refused this way, under the map's read lock, without touching its log.
+    pub fn quick_deny(&self, now: Nanos, quota: Quota, max_wait: Nanos) -> Option<Decision> {
+        self.quick().deny(now, quota, max_wait)
+    }
+
+    /// What [`Bucket::quick_deny`] reads, as a copy a store can keep beside the bucket.
+    pub fn quick(&self) -> Quick {
+        Quick {
+            until: self.quick_until,
+            paused_until: self.paused_until,
+            tag: self.quick_quota,
+        }
+    }
+
+    /// Notes the earliest slot after a change, for [`Bucket::quick_deny`]: `next_slot`'s
+    /// terms that time alone cannot lift. Pacing may end once every stamp and the last dry
+    /// moment are a window old, so its term counts only until then.
+    fn settle(&mut self, quota: Quota) {
+        self.quick_until = match self.holes {
+            Some(_) => 0,
+            None => {
+                let last = self.spent.last().copied().unwrap_or(0);
+                let mut slot = last.max(self.paused_until);
+                if let Some(tat) = self.pace {
+                    let pacing_ends = last.max(self.dry_at).saturating_add(quota.window);
+                    let paced = tat.saturating_sub(quota.pacing_tolerance());
+                    slot = slot.max(paced.min(pacing_ends));
+                }
+                let (held, cap) = (self.spent.len(), quota.capacity as usize);
+                if held >= cap && cap > 0 {
+                    slot = slot.max(self.spent[held - cap].saturating_add(quota.window));
+                }
+                slot
+            }
+        };
+        self.quick_quota = quick_tag(quota);
+    }
+
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
     pub fn acquire(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
+        let decision = self.decide(now, quota, max_wait);
+        self.settle(quota);
+        decision
+    }
+
+    fn decide(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
         self.refill(now, quota);
         let now = match self.spent.last() {
             Some(&last) if last > now && last - now <= CLOCK_SKEW => last,
@@ -267,6 +356,8 @@ impl Bucket {
     /// Returns a slot granted for `at` that was never used (the client went away while waiting).
     /// Queued requests behind it keep their slots: moving them earlier could only add bursts.
     pub fn release(&mut self, at: Nanos) {
+        // The earliest slot may now be earlier: refusals go the slow way until the next change.
+        self.quick_until = 0;
         // Entries are sorted; search from the back, where queued slots live.
         if let Some(i) = self.spent.iter().rposition(|&t| t == at) {
             self.spent.remove(i);
@@ -288,6 +379,12 @@ impl Bucket {
     /// (the request waited more than a window for a connection) is simply taken anew. Returns
     /// false, changing nothing, if the token does not fit.
     pub fn restamp(&mut self, old: Nanos, now: Nanos, quota: Quota) -> bool {
+        let moved = self.move_stamp(old, now, quota);
+        self.settle(quota);
+        moved
+    }
+
+    fn move_stamp(&mut self, old: Nanos, now: Nanos, quota: Quota) -> bool {
         self.refill(now, quota);
         if self.is_paused(now) {
             return false;
@@ -321,6 +418,7 @@ impl Bucket {
     /// Tokens free at `now` and the earliest time a request could be admitted, without taking one.
     pub fn peek(&mut self, now: Nanos, quota: Quota) -> (u32, Nanos) {
         self.refill(now, quota);
+        self.settle(quota);
         (self.free_at(now, quota), self.next_slot(now, quota))
     }
 
@@ -329,6 +427,10 @@ impl Bucket {
     pub fn pause(&mut self, now: Nanos, until: Nanos) -> bool {
         let newly = self.paused_until <= now;
         self.paused_until = self.paused_until.max(until);
+        // Nothing goes before the pause ends: the earliest slot is at least that.
+        if self.holes.is_none() && self.quick_until != 0 {
+            self.quick_until = self.quick_until.max(self.paused_until);
+        }
         newly
     }
 
@@ -388,11 +490,12 @@ mod tests {
         assert_eq!(admitted(b.acquire(now, q, 2 * SEC)), now);
     }
 
-    /// A bucket stays small: with its key it fits in about a cache line (memory per live key).
+    /// A bucket stays small (memory per live key): its log, pacing, pause and given-back slots,
+    /// and the earliest slot for refusals under a read lock.
     #[test]
     fn bucket_is_compact() {
         assert!(
-            std::mem::size_of::<Bucket>() <= 80,
+            std::mem::size_of::<Bucket>() <= 96,
             "{}",
             std::mem::size_of::<Bucket>()
         );
@@ -704,8 +807,19 @@ mod tests {
                             && b.spent.iter().filter(|&&t| t + q.window > now).count()
                                 < q.capacity as usize
                             && b.spent.last().is_none_or(|&last| last <= now);
+                        let quick = b.quick_deny(now, q, max_wait);
+                        let before = b.clone();
                         let decision = b.acquire(now, q, max_wait);
                         log.push(format!("acquire({now}, {max_wait}) = {decision:?}"));
+                        // A refusal under the read lock is one the slow path gives too, and
+                        // names no later time than it (it is the slot as of the last change).
+                        if let Some(Decision::Deny { next_free, .. }) = quick {
+                            assert!(
+                                matches!(decision, Decision::Deny { next_free: slow, .. } if slow >= next_free),
+                                "seed {seed}: quick refusal {quick:?}, slow {decision:?} from {before:?}, quota {q:?}: {:#?}",
+                                &log[log.len().saturating_sub(6)..]
+                            );
+                        }
                         match decision {
                             Decision::Admit { at, .. } => {
                                 // A stamp within CLOCK_SKEW ahead counts as the present, so

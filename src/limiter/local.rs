@@ -243,8 +243,20 @@ impl LocalBudget {
             let t = t.max(self.clock());
             (bucket.acquire(t, quota, max_wait), bucket.is_paused(t), t)
         };
+        // A key whose earliest slot is beyond the wait is refused under a read lock, without a
+        // write (the common case for a key far over its limit), judged at the same `now` the
+        // slow path would use.
+        let quick = self.store.quick(key).and_then(|quick| {
+            let t = t.max(self.clock());
+            let deny = quick.deny(t, quota, max_wait)?;
+            Some((deny, quick.is_paused(t), t))
+        });
         // A known key never waits on the table's size; a new one needs room under `max_keys`.
-        let (decision, paused, t) = match self.store.update_existing(key, decide) {
+        let found = match quick {
+            Some(denied) => Some(denied),
+            None => self.store.update_existing(key, decide),
+        };
+        let (decision, paused, t) = match found {
             Some(found) => found,
             None if policy.max_keys == usize::MAX || self.has_room(policy, t) => {
                 self.store.update(key, decide)

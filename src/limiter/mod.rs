@@ -19,7 +19,7 @@ pub mod local;
 pub mod shared;
 pub mod store;
 
-pub use bucket::{CLOCK_SKEW, Decision, Nanos, Quota};
+pub use bucket::{CLOCK_SKEW, Decision, Nanos, Quick, Quota};
 pub use budget::{Budget, Grant, Pending, Policy, RateState, Reason, Refusal, Stamp};
 pub use key::{Fingerprint, Key};
 pub use known::KnownKeys;

@@ -11,30 +11,53 @@
 
 use dashmap::DashMap;
 
-use super::bucket::{Bucket, Nanos, Quota};
+use super::bucket::{Bucket, Nanos, Quick, Quota};
 use super::key::Key;
 
 /// Buckets by key.
 #[derive(Debug, Default)]
 pub struct Store {
-    buckets: DashMap<Key, Bucket, foldhash::fast::RandomState>,
+    buckets: DashMap<Key, Slot, foldhash::fast::RandomState>,
+}
+
+/// A key's bucket, boxed, and inline beside it the copy of what a refusal under the read lock
+/// needs (refreshed after every change). A key far over its limit is then refused from a
+/// 32-byte entry: the table a flood of keys reads stays small, as governor's does.
+#[derive(Debug, Default)]
+struct Slot {
+    quick: Quick,
+    bucket: Box<Bucket>,
 }
 
 impl Store {
     /// Runs `f` on `key`'s bucket, creating an empty bucket first if there is none.
     pub fn update<T>(&self, key: Key, f: impl FnOnce(&mut Bucket) -> T) -> T {
-        f(&mut self.buckets.entry(key).or_default())
+        let mut slot = self.buckets.entry(key).or_default();
+        let out = f(&mut slot.bucket);
+        slot.quick = slot.bucket.quick();
+        out
     }
 
     /// Runs `f` on `key`'s bucket if it has one. Lookups that must not grow the table (a peek, a
     /// release, a key that may be new while the table is full) go through here.
     pub fn update_existing<T>(&self, key: Key, f: impl FnOnce(&mut Bucket) -> T) -> Option<T> {
-        self.buckets.get_mut(&key).map(|mut bucket| f(&mut bucket))
+        self.buckets.get_mut(&key).map(|mut slot| {
+            let out = f(&mut slot.bucket);
+            slot.quick = slot.bucket.quick();
+            out
+        })
+    }
+
+    /// The inline copy of `key`'s [`Quick`], under the shard's read lock (lookups from several
+    /// threads at once do not wait for each other), without touching the bucket itself.
+    pub fn quick(&self, key: Key) -> Option<Quick> {
+        self.buckets.get(&key).map(|slot| slot.quick)
     }
 
     /// Drops buckets that hold nothing any more at `now`; returns how many remain.
     pub fn retain_recent(&self, now: Nanos, quota: Quota) -> usize {
-        self.buckets.retain(|_, bucket| !bucket.is_idle(now, quota));
+        self.buckets
+            .retain(|_, slot| !slot.bucket.is_idle(now, quota));
         self.buckets.len()
     }
 
@@ -42,7 +65,7 @@ impl Store {
     pub fn collect<T>(&self, mut f: impl FnMut(Key, &Bucket) -> Option<T>) -> Vec<T> {
         self.buckets
             .iter()
-            .filter_map(|entry| f(*entry.key(), entry.value()))
+            .filter_map(|entry| f(*entry.key(), &entry.value().bucket))
             .collect()
     }
 
