@@ -7,12 +7,6 @@ use clap::{Parser, Subcommand};
 use tmdb_proxy::server::{self, Server};
 use tmdb_proxy::{Config, Proxy, admin, telemetry};
 
-/// mimalloc rather than the system allocator: a request makes a few dozen small, short-lived
-/// allocations across threads, where glibc's malloc spends its time consolidating (see the
-/// README's Performance section for the figure).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for an invalid configuration (EX_CONFIG would be 78; EX_USAGE-style 64 is what
 /// service managers commonly treat as "do not restart").
 const EXIT_CONFIG: u8 = 64;
