@@ -57,7 +57,7 @@ impl Ours {
         }
         matches!(
             self.store
-                .update(key, |bucket| bucket.acquire(now, QUOTA, 0)),
+                .update(key, QUOTA, |bucket| bucket.acquire(now, QUOTA, 0)),
             tmdb_proxy::limiter::Decision::Admit { .. }
         )
     }

@@ -58,18 +58,21 @@ impl Quota {
 }
 
 /// What a refusal under a read lock needs of a bucket (see [`Bucket::quick_deny`]): small, so a
-/// store can keep it inline beside a boxed bucket.
+/// store keeps it inline beside a boxed bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Quick {
     until: Nanos,
-    paused_until: Nanos,
+    /// The quota (`quick_tag`), and [`PAUSED`] when `until` is a pause's end.
     tag: u32,
 }
+
+/// The bit of [`Quick::tag`] that says `until` is a pause's end.
+const PAUSED: u32 = 1 << 31;
 
 impl Quick {
     /// [`Bucket::quick_deny`] from the copy.
     pub fn deny(&self, now: Nanos, quota: Quota, max_wait: Nanos) -> Option<Decision> {
-        let same_quota = self.tag == quick_tag(quota);
+        let same_quota = self.tag & !PAUSED == quick_tag(quota);
         let beyond = self.until > now.saturating_add(CLOCK_SKEW).saturating_add(max_wait);
         (same_quota && beyond).then_some(Decision::Deny {
             in_window: quota.capacity,
@@ -77,9 +80,9 @@ impl Quick {
         })
     }
 
-    /// [`Bucket::is_paused`] from the copy.
+    /// [`Bucket::is_paused`] from the copy, for a time it refuses (`t` before `until`).
     pub fn is_paused(&self, t: Nanos) -> bool {
-        t < self.paused_until
+        self.tag & PAUSED != 0 && t < self.until
     }
 }
 
@@ -173,17 +176,15 @@ pub struct Bucket {
     #[allow(clippy::box_collection)]
     // Boxed: 8 bytes in every bucket instead of 24 for a rare Vec.
     holes: Option<Box<Vec<Nanos>>>,
-    /// The earliest slot as of the last change, for refusals decided under a read lock (see
-    /// [`Bucket::quick_deny`]): what `next_slot` gives before `now` is taken into account, under
-    /// the quota `quick_quota` names. 0 while given-back slots are held (one may come earlier).
-    quick_until: Nanos,
-    /// The quota `quick_until` was worked out for (see `quick_tag`).
-    quick_quota: u32,
 }
 
 impl Bucket {
     /// Drops tokens that have refilled by `now`, and starts or stops pacing.
     fn refill(&mut self, now: Nanos, quota: Quota) {
+        // A pause that is over is forgotten, so the quick copy knows none is running.
+        if self.paused_until <= now {
+            self.paused_until = 0;
+        }
         while self
             .spent
             .first()
@@ -271,27 +272,24 @@ impl Bucket {
     /// slot already counts from the one that must refill first. A key far over its limit is
     /// refused this way, under the map's read lock, without touching its log.
     pub fn quick_deny(&self, now: Nanos, quota: Quota, max_wait: Nanos) -> Option<Decision> {
-        self.quick().deny(now, quota, max_wait)
+        self.quick(quota).deny(now, quota, max_wait)
     }
 
-    /// What [`Bucket::quick_deny`] reads, as a copy a store can keep beside the bucket.
-    pub fn quick(&self) -> Quick {
-        Quick {
-            until: self.quick_until,
-            paused_until: self.paused_until,
-            tag: self.quick_quota,
-        }
-    }
-
-    /// Notes the earliest slot after a change, for [`Bucket::quick_deny`]: `next_slot`'s
-    /// terms that time alone cannot lift. Pacing may end once every stamp and the last dry
-    /// moment are a window old, so its term counts only until then.
-    fn settle(&mut self, quota: Quota) {
-        self.quick_until = match self.holes {
+    /// What [`Bucket::quick_deny`] reads, as a copy a store keeps beside the bucket (refreshed
+    /// after every change): `next_slot`'s terms that time alone cannot lift. Pacing may end once
+    /// every stamp and the last dry moment are a window old, so its term counts only until then;
+    /// a given-back slot may come earlier than all of them, so with one held there is none.
+    ///
+    /// A pause that may be running (it is forgotten once a refill finds it over) counts when it
+    /// is the latest term, and is then what the copy says; a shorter one leaves no copy, so the
+    /// reason of a refusal (a pause, or the limit) is always the slow path's.
+    pub fn quick(&self, quota: Quota) -> Quick {
+        let tag = quick_tag(quota);
+        let until = match self.holes {
             Some(_) => 0,
             None => {
                 let last = self.spent.last().copied().unwrap_or(0);
-                let mut slot = last.max(self.paused_until);
+                let mut slot = last;
                 if let Some(tat) = self.pace {
                     let pacing_ends = last.max(self.dry_at).saturating_add(quota.window);
                     let paced = tat.saturating_sub(quota.pacing_tolerance());
@@ -304,17 +302,21 @@ impl Bucket {
                 slot
             }
         };
-        self.quick_quota = quick_tag(quota);
+        let paused = self.paused_until;
+        if paused == 0 {
+            Quick { until, tag }
+        } else if self.holes.is_none() && paused >= until {
+            Quick {
+                until: paused,
+                tag: tag | PAUSED,
+            }
+        } else {
+            Quick { until: 0, tag }
+        }
     }
 
     /// Asks for a token at `now`, waiting at most `max_wait`. Admitted requests are recorded.
     pub fn acquire(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
-        let decision = self.decide(now, quota, max_wait);
-        self.settle(quota);
-        decision
-    }
-
-    fn decide(&mut self, now: Nanos, quota: Quota, max_wait: Nanos) -> Decision {
         self.refill(now, quota);
         let now = match self.spent.last() {
             Some(&last) if last > now && last - now <= CLOCK_SKEW => last,
@@ -356,8 +358,6 @@ impl Bucket {
     /// Returns a slot granted for `at` that was never used (the client went away while waiting).
     /// Queued requests behind it keep their slots: moving them earlier could only add bursts.
     pub fn release(&mut self, at: Nanos) {
-        // The earliest slot may now be earlier: refusals go the slow way until the next change.
-        self.quick_until = 0;
         // Entries are sorted; search from the back, where queued slots live.
         if let Some(i) = self.spent.iter().rposition(|&t| t == at) {
             self.spent.remove(i);
@@ -379,12 +379,6 @@ impl Bucket {
     /// (the request waited more than a window for a connection) is simply taken anew. Returns
     /// false, changing nothing, if the token does not fit.
     pub fn restamp(&mut self, old: Nanos, now: Nanos, quota: Quota) -> bool {
-        let moved = self.move_stamp(old, now, quota);
-        self.settle(quota);
-        moved
-    }
-
-    fn move_stamp(&mut self, old: Nanos, now: Nanos, quota: Quota) -> bool {
         self.refill(now, quota);
         if self.is_paused(now) {
             return false;
@@ -418,7 +412,6 @@ impl Bucket {
     /// Tokens free at `now` and the earliest time a request could be admitted, without taking one.
     pub fn peek(&mut self, now: Nanos, quota: Quota) -> (u32, Nanos) {
         self.refill(now, quota);
-        self.settle(quota);
         (self.free_at(now, quota), self.next_slot(now, quota))
     }
 
@@ -427,10 +420,6 @@ impl Bucket {
     pub fn pause(&mut self, now: Nanos, until: Nanos) -> bool {
         let newly = self.paused_until <= now;
         self.paused_until = self.paused_until.max(until);
-        // Nothing goes before the pause ends: the earliest slot is at least that.
-        if self.holes.is_none() && self.quick_until != 0 {
-            self.quick_until = self.quick_until.max(self.paused_until);
-        }
         newly
     }
 
@@ -490,12 +479,11 @@ mod tests {
         assert_eq!(admitted(b.acquire(now, q, 2 * SEC)), now);
     }
 
-    /// A bucket stays small (memory per live key): its log, pacing, pause and given-back slots,
-    /// and the earliest slot for refusals under a read lock.
+    /// A bucket stays small (memory per live key): its log, pacing, pause and given-back slots.
     #[test]
     fn bucket_is_compact() {
         assert!(
-            std::mem::size_of::<Bucket>() <= 96,
+            std::mem::size_of::<Bucket>() <= 72,
             "{}",
             std::mem::size_of::<Bucket>()
         );
@@ -814,6 +802,11 @@ mod tests {
                         // A refusal under the read lock is one the slow path gives too, and
                         // names no later time than it (it is the slot as of the last change).
                         if let Some(Decision::Deny { next_free, .. }) = quick {
+                            assert_eq!(
+                                before.quick(q).is_paused(now),
+                                b.is_paused(now),
+                                "seed {seed}: the reason of a quick refusal: {log:#?}"
+                            );
                             assert!(
                                 matches!(decision, Decision::Deny { next_free: slow, .. } if slow >= next_free),
                                 "seed {seed}: quick refusal {quick:?}, slow {decision:?} from {before:?}, quota {q:?}: {:#?}",

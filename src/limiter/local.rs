@@ -165,9 +165,10 @@ impl LocalBudget {
         max_wait: Duration,
     ) -> Result<(), Refusal> {
         let t = self.nanos(now);
+        let quota = self.policy.load().quota_for(grant.key);
         let paused = self
             .store
-            .update_existing(grant.key, |bucket| bucket.is_paused(t))
+            .update_existing(grant.key, quota, |bucket| bucket.is_paused(t))
             .unwrap_or(false);
         if paused {
             return Err(Refusal::new(
@@ -195,9 +196,9 @@ impl LocalBudget {
         t: Nanos,
         max_wait: Nanos,
     ) -> Result<(), Refusal> {
-        let decision = self
-            .store
-            .update(Key::GLOBAL, |bucket| bucket.acquire(t, global, max_wait));
+        let decision = self.store.update(Key::GLOBAL, global, |bucket| {
+            bucket.acquire(t, global, max_wait)
+        });
         match decision {
             Decision::Admit { at, .. } => {
                 grant.stamps[1] = Some(Stamp {
@@ -254,12 +255,12 @@ impl LocalBudget {
         // A known key never waits on the table's size; a new one needs room under `max_keys`.
         let found = match quick {
             Some(denied) => Some(denied),
-            None => self.store.update_existing(key, decide),
+            None => self.store.update_existing(key, quota, decide),
         };
         let (decision, paused, t) = match found {
             Some(found) => found,
             None if policy.max_keys == usize::MAX || self.has_room(policy, t) => {
-                self.store.update(key, decide)
+                self.store.update(key, quota, decide)
             }
             None => {
                 let limit = quota.capacity;
@@ -309,7 +310,7 @@ impl LocalBudget {
             let old = stamp.at;
             // The bucket may have been swept while the request waited for a connection, so it is
             // created if need be. A key paused (upstream 429) meanwhile must not send.
-            let moved = self.store.update(stamp.key, |bucket| {
+            let moved = self.store.update(stamp.key, quota, |bucket| {
                 if bucket.is_paused(t) {
                     Err(Reason::Paused)
                 } else if t.saturating_sub(old) <= tolerance {
@@ -360,16 +361,23 @@ impl Budget for LocalBudget {
     }
 
     fn release(&self, grant: &Grant) {
+        let policy = self.policy.load();
         for stamp in grant.stamps.iter().flatten() {
+            let quota = match stamp.key {
+                Key::GLOBAL => policy.global.unwrap_or(stamp.quota),
+                key => policy.quota_for(key),
+            };
             self.store
-                .update_existing(stamp.key, |bucket| bucket.release(stamp.at));
+                .update_existing(stamp.key, quota, |bucket| bucket.release(stamp.at));
         }
     }
 
     fn pause(&self, key: Key, now: Instant, wait: Duration) -> bool {
         let t = self.nanos(now);
-        self.store
-            .update(key, |bucket| bucket.pause(t, t.saturating_add(nanos(wait))))
+        let quota = self.policy.load().quota_for(key);
+        self.store.update(key, quota, |bucket| {
+            bucket.pause(t, t.saturating_add(nanos(wait)))
+        })
     }
 
     fn peek(&self, key: Key, now: Instant) -> RateState {
@@ -377,7 +385,7 @@ impl Budget for LocalBudget {
         let t = self.nanos(now);
         let (remaining, next) = self
             .store
-            .update_existing(key, |bucket| bucket.peek(t, quota))
+            .update_existing(key, quota, |bucket| bucket.peek(t, quota))
             .unwrap_or((quota.capacity, t));
         RateState {
             limit: quota.capacity,

@@ -31,19 +31,25 @@ struct Slot {
 
 impl Store {
     /// Runs `f` on `key`'s bucket, creating an empty bucket first if there is none.
-    pub fn update<T>(&self, key: Key, f: impl FnOnce(&mut Bucket) -> T) -> T {
+    /// `quota` is the key's: the inline copy is worked out for it.
+    pub fn update<T>(&self, key: Key, quota: Quota, f: impl FnOnce(&mut Bucket) -> T) -> T {
         let mut slot = self.buckets.entry(key).or_default();
         let out = f(&mut slot.bucket);
-        slot.quick = slot.bucket.quick();
+        slot.quick = slot.bucket.quick(quota);
         out
     }
 
     /// Runs `f` on `key`'s bucket if it has one. Lookups that must not grow the table (a peek, a
     /// release, a key that may be new while the table is full) go through here.
-    pub fn update_existing<T>(&self, key: Key, f: impl FnOnce(&mut Bucket) -> T) -> Option<T> {
+    pub fn update_existing<T>(
+        &self,
+        key: Key,
+        quota: Quota,
+        f: impl FnOnce(&mut Bucket) -> T,
+    ) -> Option<T> {
         self.buckets.get_mut(&key).map(|mut slot| {
             let out = f(&mut slot.bucket);
-            slot.quick = slot.bucket.quick();
+            slot.quick = slot.bucket.quick(quota);
             out
         })
     }
@@ -95,7 +101,7 @@ mod tests {
             window: SEC,
         };
         let (a, b) = (Key::of("a"), Key::of("b"));
-        let acquire = |key, now| store.update(key, |bucket| bucket.acquire(now, quota, 0));
+        let acquire = |key, now| store.update(key, quota, |bucket| bucket.acquire(now, quota, 0));
         assert!(matches!(acquire(a, 0), Decision::Admit { .. }));
         assert!(matches!(acquire(a, 1), Decision::Deny { .. }));
         assert!(matches!(acquire(b, 1), Decision::Admit { .. }));
@@ -103,7 +109,10 @@ mod tests {
         assert_eq!(store.retain_recent(SEC, quota), 1);
         assert_eq!(store.retain_recent(SEC + 1, quota), 0);
         // Looking at a key without a bucket does not create one.
-        assert_eq!(store.update_existing(a, |bucket| bucket.held()), None);
+        assert_eq!(
+            store.update_existing(a, quota, |bucket| bucket.held()),
+            None
+        );
         assert!(store.is_empty());
     }
 }
