@@ -356,3 +356,32 @@ async fn an_apps_own_cap_holds_under_its_share() {
     assert!(arrivals.len() >= 45, "{} arrivals", arrivals.len());
     assert!(replies.iter().any(|(status, _)| *status == 429));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_hit_spends_nothing_from_an_apps_share() {
+    let toml = "[cache]\nenabled = true\n\
+        [[clients.apps]]\nname = \"capped\"\ntoken = \"c\"\napi_key = \"K\"\nrequests_per_second = 2\n";
+    let harness = InProcess::new(toml, sim().await);
+    let token = [("x-proxy-token", "c")];
+    // Known to TMDB, then the entry is filled: the app's two tokens of this window.
+    assert_eq!(harness.call(get_as("/3/movie/1", &token)).await.status, 200);
+    assert_eq!(
+        harness.call(get_as("/3/movie/550", &token)).await.status,
+        200
+    );
+    // Its cap is spent, yet every repeat is a hit.
+    for _ in 0..10 {
+        let reply = harness.call(get_as("/3/movie/550", &token)).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-cache"), Some("HIT"));
+    }
+    // A miss now waits for the cap (queue mode) rather than passing it.
+    let sent = Instant::now();
+    assert_eq!(harness.call(get_as("/3/movie/2", &token)).await.status, 200);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(harness.sim.arrivals().len(), 3);
+}

@@ -5,6 +5,11 @@
 //! value, so no `Ref`/`RefMut` ever leaves this module and no caller can hold a shard lock across
 //! an `.await` (a known DashMap deadlock). What a closure does is the bucket's business.
 //!
+//! Each entry is 32 bytes: the key, the bucket's [`Quick`] copy (refreshed after every change,
+//! under the write lock), and the bucket in a box. A key far over its limit is refused from the
+//! copy under the read lock (`LocalBudget`), so a flood of such keys reads a table as compact as
+//! governor's and threads on one key do not wait for each other.
+//!
 //! The map hashes with foldhash, seeded per process: a key is already a 64-bit hash, so SipHash
 //! would only cost time, while a fixed (or identity) hash of a public function would let a client
 //! craft keys that pile into one bucket chain.
