@@ -385,3 +385,33 @@ async fn a_cache_hit_spends_nothing_from_an_apps_share() {
     );
     assert_eq!(harness.sim.arrivals().len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_that_goes_away_leaves_its_turn_to_the_next() {
+    let toml = "[limit]\nrequests_per_second = 1\n\
+        [[clients.apps]]\nname = \"a\"\ntoken = \"a\"\napi_key = \"K\"\n\
+        [[clients.apps]]\nname = \"b\"\ntoken = \"b\"\napi_key = \"K\"\n";
+    let harness = InProcess::new(toml, sim().await);
+    let start = Instant::now();
+    let send = |token: &'static str, path: &'static str| {
+        let proxy = harness.proxy.clone();
+        tokio::spawn(async move {
+            let reply = call(&proxy, get_as(path, &[("x-proxy-token", token)])).await;
+            (reply.status.as_u16(), start.elapsed())
+        })
+    };
+    let first = send("a", "/3/movie/1");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let gone = send("a", "/3/movie/2");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let next = send("b", "/3/movie/3");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gone.abort();
+    assert_eq!(first.await.unwrap().0, 200);
+    let (status, at) = next.await.unwrap();
+    assert_eq!(status, 200);
+    // The key's next token, one window (1.05 s) after the first: not a window later still.
+    assert_eq!(at, Duration::from_millis(1050), "{at:?}");
+    let paths: Vec<String> = harness.sim.arrivals().iter().map(|a| a.path.clone()).collect();
+    assert_eq!(paths, ["/3/movie/1", "/3/movie/3"]);
+}
