@@ -78,18 +78,6 @@ done
 hit=$(curl -s -D - -o /dev/null "$url_proxy" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
 [ "$hit" = "HIT" ] || { echo "tmdb-proxy does not answer from its cache (X-Cache: $hit)" >&2; exit 1; }
 
-# CPU ticks (user + system) of a process and its children so far.
-ticks() {
-    local total=0
-    for pid in "$@"; do
-        # nginx's cache loader exits after its first minute.
-        [ -r "/proc/$pid/stat" ] || continue
-        read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null || echo)
-        total=$((total + ${f[11]:-0} + ${f[12]:-0}))
-    done
-    echo "$total"
-}
-nginx_pids() { pgrep -P "$nginx_master" | tr '\n' ' '; echo "$nginx_master"; }
 
 run() {
     local url=$1

@@ -90,3 +90,18 @@ NGINX
     pids+=($!)
     wait_port "$sim_port"
 }
+
+# ticks PID...: CPU ticks (user + system) of these processes so far; a process that has exited
+# (nginx's cache loader leaves after its first minute) counts nothing.
+ticks() {
+    local total=0
+    for pid in "$@"; do
+        [ -r "/proc/$pid/stat" ] || continue
+        read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null || echo)
+        total=$((total + ${f[11]:-0} + ${f[12]:-0}))
+    done
+    echo "$total"
+}
+
+# nginx_pids: the PIDs of the nginx whose master is $nginx_master, workers included.
+nginx_pids() { pgrep -P "$nginx_master" | tr '\n' ' '; echo "$nginx_master"; }

@@ -118,17 +118,6 @@ enabled = false"
 proxy_pid=$proxy_pid
 proxy_port=$proxy_port
 
-# CPU ticks (user + system) of these processes so far.
-ticks() {
-    local total=0
-    for pid in "$@"; do
-        [ -r "/proc/$pid/stat" ] || continue
-        read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null || echo)
-        total=$((total + ${f[11]:-0} + ${f[12]:-0}))
-    done
-    echo "$total"
-}
-nginx_pids() { pgrep -P "$nginx_master" | tr '\n' ' '; echo "$nginx_master"; }
 
 # The URIs h2load cycles through: KEYS keys, or one hot key.
 python3 - "$work" "$KEYS" <<'PY'

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -288,19 +287,33 @@ async fn an_interactive_app_goes_first_while_a_batch_app_takes_the_rest() {
     assert!(refused > 0, "the scraper asked for more than the key has");
 }
 
-#[tokio::test(start_paused = true)]
-async fn two_apps_with_shares_3_to_1_split_the_key_and_one_alone_gets_all_of_it() {
-    let toml = "[[clients.apps]]\nname = \"big\"\ntoken = \"big\"\napi_key = \"K\"\nshare = 3\n\
-        [[clients.apps]]\nname = \"small\"\ntoken = \"small\"\napi_key = \"K\"\nshare = 1\n";
-    let harness = Arc::new(InProcess::new(toml, sim().await));
-    let big = push(&harness.proxy, "big", 200, Duration::from_secs(14));
-    let small = push(&harness.proxy, "small", 200, Duration::from_secs(8));
+/// Apps `big` (share 3) and `small` (share 1) on one key, after `limit` (a `[limit]` section or
+/// nothing), each pushing 200 requests a second (`small` for `small_for`, `big` for `big_for`);
+/// the harness, each app's arrivals at the stand-in, and the first arrival.
+async fn three_to_one(
+    limit: &str,
+    big_for: Duration,
+    small_for: Duration,
+) -> (InProcess, Vec<Instant>, Vec<Instant>, Instant) {
+    let toml = format!(
+        "{limit}[[clients.apps]]\nname = \"big\"\ntoken = \"big\"\napi_key = \"K\"\nshare = 3\n\
+         [[clients.apps]]\nname = \"small\"\ntoken = \"small\"\napi_key = \"K\"\nshare = 1\n"
+    );
+    let harness = InProcess::new(&toml, sim().await);
+    let big = push(&harness.proxy, "big", 200, big_for);
+    let small = push(&harness.proxy, "small", 200, small_for);
     small.await.unwrap();
     big.await.unwrap();
-
     let big = arrivals_by_app(&harness.sim, "big");
     let small = arrivals_by_app(&harness.sim, "small");
     let start = big[0].min(small[0]);
+    (harness, big, small, start)
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_apps_with_shares_3_to_1_split_the_key_and_one_alone_gets_all_of_it() {
+    let (harness, big, small, start) =
+        three_to_one("", Duration::from_secs(14), Duration::from_secs(8)).await;
     let between = |times: &[Instant], from: u64, to: u64| count_between(times, start, from, to);
     // Both pushing, from 2 s to 8 s.
     let (b, s) = (between(&big, 2, 8), between(&small, 2, 8));
@@ -321,17 +334,9 @@ async fn two_apps_with_shares_3_to_1_split_the_key_and_one_alone_gets_all_of_it(
 
 #[tokio::test(start_paused = true)]
 async fn in_reject_mode_shares_hold_by_refusing_the_app_over_its_share() {
-    let toml = "[limit]\nmode = \"reject\"\n\
-        [[clients.apps]]\nname = \"big\"\ntoken = \"big\"\napi_key = \"K\"\nshare = 3\n\
-        [[clients.apps]]\nname = \"small\"\ntoken = \"small\"\napi_key = \"K\"\nshare = 1\n";
-    let harness = InProcess::new(toml, sim().await);
-    let big = push(&harness.proxy, "big", 200, Duration::from_secs(8));
-    let small = push(&harness.proxy, "small", 200, Duration::from_secs(8));
-    small.await.unwrap();
-    big.await.unwrap();
-    let big = arrivals_by_app(&harness.sim, "big");
-    let small = arrivals_by_app(&harness.sim, "small");
-    let start = big[0].min(small[0]);
+    let eight = Duration::from_secs(8);
+    let (harness, big, small, start) =
+        three_to_one("[limit]\nmode = \"reject\"\n", eight, eight).await;
     let after = |times: &[Instant]| count_between(times, start, 2, u64::MAX);
     let (b, s) = (after(&big), after(&small));
     let big_share = b as f64 / (b + s) as f64;
@@ -412,6 +417,11 @@ async fn a_queued_request_that_goes_away_leaves_its_turn_to_the_next() {
     assert_eq!(status, 200);
     // The key's next token, one window (1.05 s) after the first: not a window later still.
     assert_eq!(at, Duration::from_millis(1050), "{at:?}");
-    let paths: Vec<String> = harness.sim.arrivals().iter().map(|a| a.path.clone()).collect();
+    let paths: Vec<String> = harness
+        .sim
+        .arrivals()
+        .iter()
+        .map(|a| a.path.clone())
+        .collect();
     assert_eq!(paths, ["/3/movie/1", "/3/movie/3"]);
 }
