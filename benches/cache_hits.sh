@@ -33,16 +33,8 @@ cached_port=$proxy_port
 
 nginx_port=$(free_port)
 mkdir -p "$work/nginx/cache"
-# Run as root, nginx's workers would drop to an unprivileged user that cannot write its cache
-# into this script's private work directory.
-user_line=""
-[ "$(id -u)" -eq 0 ] && user_line="user root;"
 cat >"$work/nginx/nginx.conf" <<NGINX
-$user_line
-worker_processes 2;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$work/nginx")
 http {
     access_log off;
     client_body_temp_path $work/nginx;
@@ -64,9 +56,7 @@ http {
     }
 }
 NGINX
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>>"$work/nginx/error.log" &
-nginx_master=$!
-pids+=("$nginx_master")
+start_nginx "$work/nginx"
 wait_port "$nginx_port"
 
 url_proxy="http://127.0.0.1:$cached_port/3/movie/550?api_key=hot-key&language=en"

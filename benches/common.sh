@@ -54,25 +54,38 @@ TOML
     wait_port "$proxy_port"
 }
 
+# nginx_main DIR: the top of an nginx.conf keeping its pid and error log in DIR: two workers,
+# and `user root` when the script runs as root (the workers would otherwise drop to a user that
+# cannot read this script's private work directory).
+nginx_main() {
+    if [ "$(id -u)" -eq 0 ]; then echo "user root;"; fi
+    cat <<NGINX
+worker_processes 2;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+NGINX
+}
+
+# start_nginx DIR: runs DIR/nginx.conf in the foreground of a child stopped on exit; sets
+# nginx_master.
+start_nginx() {
+    nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' 2>>"$1/error.log" &
+    nginx_master=$!
+    pids+=("$nginx_master")
+}
+
 # start_static_upstream: an nginx answering every request with 200 and a TMDB-sized JSON body
 # from memory, the cheapest upstream to put every proxy in front of (tmdb-sim records every
 # arrival, which costs more CPU than the proxies measured). Sets sim_port (HTTP/1.1) and
-# sim_port2 (h2c, prior knowledge), and nginx_user_line for other nginx configurations.
+# sim_port2 (h2c, prior knowledge).
 start_static_upstream() {
-    # Run as root, nginx's workers would drop to an unprivileged user that cannot read this
-    # script's private work directory.
-    nginx_user_line=""
-    [ "$(id -u)" -eq 0 ] && nginx_user_line="user root;"
     local body='{"adult":false,"id":550,"imdb_id":"tt0137523","original_language":"en","original_title":"Fight Club","popularity":61.4,"release_date":"1999-10-15","runtime":139,"title":"Fight Club","video":false,"vote_average":8.4,"vote_count":26280}'
     sim_port=$(free_port)
     sim_port2=$(free_port)
     mkdir -p "$work/upstream"
     cat >"$work/upstream/nginx.conf" <<NGINX
-$nginx_user_line
-worker_processes 2;
-pid $work/upstream/nginx.pid;
-error_log $work/upstream/error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$work/upstream")
 http {
     access_log off;
     keepalive_requests 1000000;
@@ -86,8 +99,7 @@ http {
     }
 }
 NGINX
-    nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" -g 'daemon off;' 2>>"$work/upstream/error.log" &
-    pids+=($!)
+    start_nginx "$work/upstream"
     wait_port "$sim_port"
 }
 

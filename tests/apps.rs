@@ -417,11 +417,5 @@ async fn a_queued_request_that_goes_away_leaves_its_turn_to_the_next() {
     assert_eq!(status, 200);
     // The key's next token, one window (1.05 s) after the first: not a window later still.
     assert_eq!(at, Duration::from_millis(1050), "{at:?}");
-    let paths: Vec<String> = harness
-        .sim
-        .arrivals()
-        .iter()
-        .map(|a| a.path.clone())
-        .collect();
-    assert_eq!(paths, ["/3/movie/1", "/3/movie/3"]);
+    assert_eq!(harness.arrived_paths(), ["/3/movie/1", "/3/movie/3"]);
 }

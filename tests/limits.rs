@@ -184,13 +184,7 @@ async fn a_departed_waiter_gives_its_turn_to_the_next_request() {
     // would be refused at once. It takes the quitter's turn instead.
     let reply = harness.get("/3/movie/3?api_key=WAITER").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let paths: Vec<String> = harness
-        .sim
-        .arrivals()
-        .iter()
-        .map(|a| a.path.clone())
-        .collect();
-    assert_eq!(paths, ["/3/movie/1", "/3/movie/3"]);
+    assert_eq!(harness.arrived_paths(), ["/3/movie/1", "/3/movie/3"]);
     assert_eq!(harness.arrivals_of("WAITER"), [start, start + WINDOW]);
 }
 

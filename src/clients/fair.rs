@@ -45,7 +45,6 @@ const STRIDE: u64 = 1 << 32;
 /// An app's place in a lane.
 #[derive(Debug, Clone)]
 pub struct Member {
-    pub name: Arc<str>,
     pub share: u32,
     pub priority: Priority,
     /// Its own ceiling per window, if any.
@@ -114,11 +113,6 @@ impl Lane {
             }),
             emptied: Notify::new(),
         }
-    }
-
-    /// The name of the lane's app `index`.
-    pub fn name(&self, index: usize) -> &str {
-        self.members.get(index).map_or("-", |m| &m.name)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -526,9 +520,7 @@ mod tests {
 
     fn members(spec: &[(u32, Priority)]) -> Vec<Member> {
         spec.iter()
-            .enumerate()
-            .map(|(i, (share, priority))| Member {
-                name: Arc::from(format!("app{i}").as_str()),
+            .map(|(share, priority)| Member {
                 share: *share,
                 priority: *priority,
                 cap: None,

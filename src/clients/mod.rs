@@ -19,7 +19,7 @@ use http::HeaderMap;
 use http::header::{HeaderName, PROXY_AUTHORIZATION};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ClientsConfig, Priority, Secret, sha256};
+use crate::config::{ClientsConfig, Secret, sha256};
 use crate::error::ProxyError;
 use crate::limiter::Key;
 use crate::tmdb::auth;
@@ -82,7 +82,6 @@ impl Apps {
                 .map(|&i| {
                     let app = &cfg.apps[i];
                     fair::Member {
-                        name: Arc::from(app.name.as_str()),
                         share: app.share.get(),
                         priority: app.priority,
                         cap: app.requests_per_second.map(|rps| rps.get()),
@@ -152,11 +151,6 @@ impl Apps {
         }
         found
     }
-
-    /// The apps' names, for metrics.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.apps.iter().map(|app| &*app.name)
-    }
 }
 
 /// What a request presents, its token already hashed (the token itself goes no further).
@@ -191,14 +185,6 @@ fn presented(headers: &HeaderMap) -> Presented {
         // The same token in both headers is one token.
         (Some(Some(a)), Some(Some(b))) if a == b => Presented::Token(sha256(a)),
         _ => Presented::Malformed,
-    }
-}
-
-/// Which of a key's apps is served first: for metrics and the README's words.
-pub fn priority_name(priority: Priority) -> &'static str {
-    match priority {
-        Priority::Interactive => "interactive",
-        Priority::Batch => "batch",
     }
 }
 

@@ -154,6 +154,11 @@ impl InProcess {
         tokio::spawn(async move { call(&proxy, req).await })
     }
 
+    /// The paths of the requests that reached the stand-in, in order.
+    pub fn arrived_paths(&self) -> Vec<String> {
+        self.sim.arrivals().iter().map(|a| a.path.clone()).collect()
+    }
+
     /// Arrival times at the stand-in of requests carrying `credential`, in order.
     pub fn arrivals_of(&self, credential: &str) -> Vec<tokio::time::Instant> {
         self.sim
