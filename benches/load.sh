@@ -7,6 +7,7 @@
 #   upstream      the upstream directly (the floor)
 #   nginx         nginx proxy_pass, no limit
 #   nginx-limit   nginx proxy_pass + limit_req on $arg_api_key (rate too high to bite)
+#   bare          a minimal hyper proxy (examples/bare_proxy.rs): the framework's own cost
 #   proxy         tmdb-proxy, reject mode, limit 50/s per key (not biting: KEYS keys)
 #   nginx-429     nginx limit_req, one key far over 50 r/s (its refusals)
 #   proxy-429     tmdb-proxy, one key far over 50/s (its refusals)
@@ -45,7 +46,7 @@ for tool in nginx:nginx h2load:nghttp2-client; do
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}") >/dev/null
     fi
 done
-cargo build --release --quiet --bin tmdb-proxy
+cargo build --release --quiet --bin tmdb-proxy --example bare_proxy
 
 start_static_upstream
 
@@ -111,6 +112,13 @@ enabled = false"
 proxy_pid=$proxy_pid
 proxy_port=$proxy_port
 
+# hyper and tokio with nothing of tmdb-proxy: the same 2 workers and upstream connections.
+bare_port=$(free_port)
+./target/release/examples/bare_proxy "127.0.0.1:$bare_port" "127.0.0.1:$sim_port" "$UPSTREAM_CONNS" &
+bare_pid=$!
+pids+=("$bare_pid")
+wait_port "$bare_port"
+
 
 # The URIs h2load cycles through: KEYS keys, or one hot key.
 python3 - "$work" "$KEYS" <<'PY'
@@ -167,7 +175,7 @@ PY
     fi
 }
 
-targets="upstream nginx nginx-limit proxy nginx-429 proxy-429"
+targets="upstream nginx nginx-limit bare proxy nginx-429 proxy-429"
 # target_url PROTO TARGET
 target_url() {
     case "$1:$2" in
@@ -179,6 +187,7 @@ target_url() {
         h2:nginx-limit) echo "http://127.0.0.1:$nginx_limit2" ;;
         h1:nginx-429) echo "http://127.0.0.1:$nginx_429" ;;
         h2:nginx-429) echo "http://127.0.0.1:$nginx_4292" ;;
+        *:bare) echo "http://127.0.0.1:$bare_port" ;;
         *:proxy | *:proxy-429) echo "http://127.0.0.1:$proxy_port" ;;
     esac
 }
@@ -195,6 +204,7 @@ for round in $(seq "$ROUNDS"); do
             esac
             case $target in
                 proxy*) watched="$proxy_pid" ;;
+                bare) watched="$bare_pid" ;;
                 nginx*) watched=$(nginx_pids) ;;
                 *) watched="" ;;
             esac
@@ -237,6 +247,7 @@ names = {
     "upstream": "upstream directly",
     "nginx": "nginx `proxy_pass`, no limit",
     "nginx-limit": "nginx `limit_req` on `$arg_api_key`",
+    "bare": "minimal hyper proxy (no limit)",
     "proxy": "tmdb-proxy, reject mode",
     "nginx-429": "nginx `limit_req`, one key over 50 r/s",
     "proxy-429": "tmdb-proxy, one key over 50/s",
@@ -247,7 +258,7 @@ for proto in ["h1", "h2"]:
     if not any(k[0] == proto for k in runs):
         continue
     label = "HTTP/1.1" if proto == "h1" else "HTTP/2"
-    for target in ["upstream", "nginx", "nginx-limit", "proxy", "nginx-429", "proxy-429"]:
+    for target in ["upstream", "nginx", "nginx-limit", "bare", "proxy", "nginx-429", "proxy-429"]:
         f = figures((proto, target))
         base = "nginx-429" if target.endswith("429") else "nginx-limit"
         b = figures((proto, base))
@@ -258,5 +269,7 @@ for proto in ["h1", "h2"]:
     f = figures((proto, "proxy-429"))
     # The most a run of this length can admit: 50 in each 1.05 s window it touches.
     ceiling = 50 * math.ceil(seconds / 1.05) / seconds
-    print(f"\n{label}: tmdb-proxy one-key run admitted {f['ok']:.1f}/s, the window allows at most {ceiling:.1f}/s over {seconds:g} s ({f['ok'] / ceiling:.2f}); ratios are to nginx `limit_req` (429 rows: to nginx's refusals)\n")
+    p, bare = figures((proto, "proxy")), figures((proto, "bare"))
+    print(f"\n{label}: tmdb-proxy against the minimal hyper proxy: {p['cpu'] / bare['cpu']:.2f}x the CPU per request, {p['rps'] / bare['rps']:.2f}x the requests/s")
+    print(f"{label}: tmdb-proxy one-key run admitted {f['ok']:.1f}/s, the window allows at most {ceiling:.1f}/s over {seconds:g} s ({f['ok'] / ceiling:.2f}); ratios are to nginx `limit_req` (429 rows: to nginx's refusals)\n")
 PY
