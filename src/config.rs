@@ -358,6 +358,7 @@ struct RawServer {
     listen: String,
     tls: RawTls,
     max_connections: u32,
+    workers: u32,
     h2_max_concurrent_streams: u32,
     max_header_bytes: ByteSize,
     max_request_body: ByteSize,
@@ -377,6 +378,7 @@ impl Default for RawServer {
             listen: DEFAULT_LISTEN.to_owned(),
             tls: RawTls::default(),
             max_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            workers: 0,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             max_header_bytes: ByteSize(DEFAULT_MAX_HEADER_BYTES),
             max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
@@ -699,6 +701,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Concurrent client connections beyond this wait in the kernel's accept queue.
     pub max_connections: NonZeroU32,
+    /// Threads serving client connections, each with a single-threaded runtime of its own and
+    /// the connections it accepted (`0` in the file: one per CPU the process may use).
+    pub workers: NonZeroU32,
     /// Concurrent HTTP/2 streams per client connection.
     pub h2_max_concurrent_streams: NonZeroU32,
     /// Most bytes of a request's headers, request line included.
@@ -962,7 +967,7 @@ impl Config {
         };
         [
             (
-                "server (listen, tls, max_connections, timeouts)",
+                "server (listen, tls, max_connections, workers, timeouts)",
                 sockets(&self.server) != sockets(&running.server),
             ),
             ("admin.listen", self.admin.listen != running.admin.listen),
@@ -1356,10 +1361,29 @@ fn parse_listen(key: &'static str, value: &str) -> Result<SocketAddr, ConfigErro
     })
 }
 
+/// Most serving threads: beyond the cores there are, more only adds switching.
+const MAX_WORKERS: u32 = 1024;
+
+/// `server.workers`, with `0` resolved to the CPUs this process may use (its affinity mask and
+/// cgroup quota included: a sidecar limited to one core gets one thread).
+fn workers(configured: u32) -> Result<NonZeroU32, ConfigError> {
+    if configured > MAX_WORKERS {
+        return Err(invalid(
+            "server.workers",
+            format!("{configured} is more than {MAX_WORKERS} threads (0 means one per CPU)"),
+        ));
+    }
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(MAX_WORKERS));
+    let n = if configured == 0 { cores } else { configured };
+    Ok(NonZeroU32::new(n.min(MAX_WORKERS)).unwrap_or(NonZeroU32::MIN))
+}
+
 fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
         listen: parse_listen("server.listen", &raw.listen)?,
         max_connections: non_zero("server.max_connections", raw.max_connections)?,
+        workers: workers(raw.workers)?,
         h2_max_concurrent_streams: non_zero(
             "server.h2_max_concurrent_streams",
             raw.h2_max_concurrent_streams,
@@ -2154,7 +2178,7 @@ mod tests {
         assert_eq!(
             moved.restart_required(&running),
             [
-                "server (listen, tls, max_connections, timeouts)",
+                "server (listen, tls, max_connections, workers, timeouts)",
                 "log",
                 "limit.sweep_interval"
             ]
@@ -2210,6 +2234,19 @@ mod tests {
             message.contains("limit.requests_per_second") && !message.contains(secret),
             "{message}"
         );
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cfg = Config::from_toml_str("").unwrap();
+        assert_eq!(cfg.server.workers.get() as usize, cores);
+        let cfg = Config::from_toml_str("[server]\nworkers = 3\n").unwrap();
+        assert_eq!(cfg.server.workers.get(), 3);
+        let message = Config::from_toml_str("[server]\nworkers = 5000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("server.workers"), "{message}");
     }
 
     #[test]

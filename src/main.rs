@@ -55,7 +55,8 @@ fn main() -> ExitCode {
     }
     telemetry::init(&cfg.log.level, cfg.log.level_from, cfg.log.format);
     check_open_files(&cfg);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread serves clients too, beside `server.workers - 1` more (`server::workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -76,7 +77,7 @@ async fn serve(path: PathBuf, cfg: Config, frontend: Server) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
+    let listener = match server::bind(cfg.server.listen) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(listen = %cfg.server.listen, %error, "cannot bind the listener");

@@ -234,6 +234,41 @@ async fn upstream_never_sees_more_than_max_connections() {
     );
 }
 
+/// Four serving threads, each with a socket of its own, share a cap of two connections: a
+/// connection the kernel queued on any of them is served once a slot frees, whichever thread
+/// the slot was freed on.
+#[tokio::test]
+async fn every_serving_thread_gets_slots_under_a_shared_connection_cap() {
+    let sim = sim().await;
+    let proxy = spawn_proxy(
+        "[server]\nworkers = 4\nmax_connections = 2\n[limit]\nrequests_per_second = 1000\n",
+        &sim.url(),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..24 {
+        let addr = proxy.addr;
+        clients.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "GET /3/movie/{i}?api_key=K HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+            String::from_utf8_lossy(&raw).into_owned()
+        }));
+    }
+    for client in clients {
+        let text = tokio::time::timeout(Duration::from_secs(20), client)
+            .await
+            .expect("every connection is served in turn")
+            .unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    assert_eq!(sim.hits(), 24);
+}
+
 #[tokio::test]
 async fn large_response_streams_without_being_held_whole() {
     let gate = Arc::new(Notify::new());

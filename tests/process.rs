@@ -190,6 +190,66 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     assert_eq!(proxy.wait(Duration::from_secs(15)).await, Some(0));
 }
 
+/// Requests in flight on every serving thread finish before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_connections_of_every_serving_thread() {
+    let sim = sim_with(Sim::builder().latency(Duration::from_millis(1500))).await;
+    let toml = config_for(&sim, "[server]\nworkers = 4\n");
+    let proxy = Process::start("sigterm-workers", &toml).await;
+    // Each on a connection of its own: the kernel spreads them over the four threads' sockets.
+    let slow: Vec<_> = (0..12)
+        .map(|i| {
+            let url = proxy.url(&format!("/3/movie/{i}?api_key=TERMKEY{i}"));
+            tokio::spawn(async move { get(&http1_client(), &url).await })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(10), || sim.hits() == 12).await);
+    proxy.signal("TERM");
+    for (i, reply) in slow.into_iter().enumerate() {
+        let reply = reply.await.unwrap();
+        assert_eq!(reply.status, 200, "request {i} completes");
+        assert_eq!(reply.json()["id"], i);
+    }
+    assert_eq!(proxy.wait(Duration::from_secs(15)).await, Some(0));
+}
+
+/// The serving threads share the port through `SO_REUSEPORT`, which must not let a second
+/// proxy started on the same port take half the connections: it fails as on any taken port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_a_taken_port_exits_instead_of_sharing_it() {
+    let sim = sim().await;
+    let toml = config_for(&sim, "");
+    let first = Process::start("port-first", &toml).await;
+    let second = Command::new(env!("CARGO_BIN_EXE_tmdb-proxy"))
+        .arg("--config")
+        .arg(&first.config)
+        .env_remove("RUST_LOG")
+        .env("TMDB_PROXY__SERVER__LISTEN", first.addr.to_string())
+        .env("TMDB_PROXY__ADMIN__LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second proxy exits")
+        .unwrap();
+    assert_eq!(second.status.code(), Some(69), "EX_UNAVAILABLE");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("cannot bind the listener"), "{stderr}");
+    // Every new connection still reaches the first proxy.
+    for i in 0..16 {
+        let reply = get(
+            &http1_client(),
+            &first.url(&format!("/3/movie/{i}?api_key=K")),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(sim.hits(), 16);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     let sim = sim().await;

@@ -38,10 +38,13 @@ impl ErrorLog {
 }
 
 /// Accepts connections on `listener` until `stop` completes, handing each to `serve` with the
-/// slot it holds. With `slots`, a connection is accepted only once a slot is free, so excess
-/// clients wait in the kernel's backlog instead of in memory. A failed accept (a reset before it,
-/// EMFILE) is retried after [`ACCEPT_BACKOFF`] and logged at most once a second; it never stops
-/// the listener.
+/// slot it holds. With `slots`, a connection is served only once a slot is free: the accepted
+/// one waits for it unread and the next ones wait in the kernel's backlog, not in memory. The
+/// slot is taken after the accept, not before, because several listeners (one per serving
+/// thread, see `server::workers`) share one cap: a slot taken ahead would sit with a listener
+/// that has nothing to accept while another's backlog waits. A failed accept (a reset before
+/// it, EMFILE) is retried after [`ACCEPT_BACKOFF`] and logged at most once a second; it never
+/// stops the listener.
 pub async fn accept_until<F>(
     listener: &TcpListener,
     name: &'static str,
@@ -54,6 +57,17 @@ pub async fn accept_until<F>(
     tokio::pin!(stop);
     let mut errors = ErrorLog::default();
     loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    errors.note(name, &error);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut stop => return,
+        };
         let permit = match &slots {
             Some(slots) => tokio::select! {
                 permit = slots.clone().acquire_owned() => match permit {
@@ -64,15 +78,6 @@ pub async fn accept_until<F>(
             },
             None => None,
         };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve(stream, peer, permit),
-                Err(error) => {
-                    errors.note(name, &error);
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-            () = &mut stop => return,
-        }
+        serve(stream, peer, permit);
     }
 }

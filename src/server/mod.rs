@@ -4,6 +4,7 @@
 //!
 //! - [`accept`]: the accept loop (back-off, connection cap), shared with the admin listener.
 //! - [`tls`]: the listener's TLS acceptor from `[server.tls]`.
+//! - `workers`: the serving threads beside the one that runs the listener.
 //! - `idle`: closing connections with nothing delivered and no request in progress.
 //! - [`shutdown`]: the signals; [`reload`]: SIGHUP and file changes; [`fds`]: the open-files limit.
 
@@ -13,6 +14,7 @@ pub(crate) mod idle;
 pub mod reload;
 pub mod shutdown;
 pub mod tls;
+mod workers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
@@ -35,6 +37,32 @@ pub use tls::TlsError;
 
 /// Smallest HTTP/1 read buffer hyper accepts.
 const MIN_H1_BUFFER: usize = 8192;
+
+/// Pending connections the kernel holds for each listening socket.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the client listener with `SO_REUSEPORT`, so that each serving thread binds a socket of
+/// its own to the same address and the kernel spreads new connections across them (one shared
+/// socket would hand most connections to whichever thread happens to wake first).
+///
+/// An address another process listens on is refused as a plain bind would refuse it: it is
+/// first bound without `SO_REUSEPORT`, so a second proxy started by mistake on the same port fails
+/// with "address in use" rather than silently taking half of the first one's connections.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    drop(socket_for(addr, false)?);
+    socket_for(addr, true)?.listen(LISTEN_BACKLOG)
+}
+
+fn socket_for(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuse_port)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
 
 /// Counts an open client connection for as long as it lives, whatever way its task ends.
 struct ConnectionGauge(Proxy);
@@ -91,6 +119,10 @@ impl Server {
 
     /// Serves `proxy` on `listener` until `shutdown` completes, then stops accepting, lets
     /// in-flight requests finish for up to `shutdown_timeout`, and returns.
+    ///
+    /// `server.workers` threads accept from the listener: this one and the rest started here
+    /// (see [`workers`]). Each serves the connections it accepted on a single-threaded runtime of
+    /// its own, so a request never moves between threads. The connection cap is shared.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -100,18 +132,51 @@ impl Server {
         let grace = self.cfg.shutdown_timeout;
         let limit = usize::try_from(self.cfg.max_connections.get()).unwrap_or(usize::MAX);
         let slots = Arc::new(Semaphore::new(limit));
+        let server = Arc::new(self);
+        let (stop, stopped) = watch::channel(false);
+        let pool = workers::Pool::start(&server, &listener, &proxy, &slots, &stopped);
+        let own = async {
+            shutdown.await;
+            // Queued requests must be on their way by half the grace period, so each still has
+            // the other half to complete; later turns are answered 429 at once. One still
+            // waiting for the upstream when a tenth of the grace is left is answered 504 then,
+            // not cut off.
+            let now = tokio::time::Instant::now();
+            proxy.begin_drain(now + grace / 2, now + grace - grace / 10);
+            let _ = stop.send(true);
+            tracing::info!(?grace, "stopped accepting; draining connections");
+        };
+        let drained = server
+            .serve_listener(listener, proxy.clone(), slots, own)
+            .await;
+        if pool.finish(drained).await {
+            tracing::info!("all connections drained");
+        } else {
+            tracing::warn!("shutdown grace period elapsed; closing remaining connections");
+        }
+    }
+
+    /// Accepts on `listener` and serves what it accepts, on this thread's runtime, until `stop`
+    /// completes; then lets those connections finish for up to `shutdown_timeout`. Returns
+    /// whether they all did.
+    async fn serve_listener(
+        self: Arc<Self>,
+        listener: TcpListener,
+        proxy: Proxy,
+        slots: Arc<Semaphore>,
+        stop: impl Future<Output = ()>,
+    ) -> bool {
         let graceful = GracefulShutdown::new();
         // Tells connections still in their TLS handshake to give up.
         let (stopping, _) = watch::channel(false);
-        let server = Arc::new(self);
         accept::accept_until(
             &listener,
             "client",
             Some(slots),
-            shutdown,
+            stop,
             |stream, peer, permit| {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(server.clone().connection(
+                tokio::spawn(self.clone().connection(
                     stream,
                     peer,
                     proxy.clone(),
@@ -122,20 +187,11 @@ impl Server {
             },
         )
         .await;
-
         drop(listener);
         let _ = stopping.send(true);
-        // Queued requests must be on their way by half the grace period, so each still has the
-        // other half to complete; later turns are answered 429 at once. One still waiting for the
-        // upstream when a tenth of the grace is left is answered 504 then, not cut off.
-        let now = tokio::time::Instant::now();
-        proxy.begin_drain(now + grace / 2, now + grace - grace / 10);
-        tracing::info!(?grace, "stopped accepting; draining connections");
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections drained"),
-            () = tokio::time::sleep(grace) => {
-                tracing::warn!("shutdown grace period elapsed; closing remaining connections");
-            }
+            () = graceful.shutdown() => true,
+            () = tokio::time::sleep(self.cfg.shutdown_timeout) => false,
         }
     }
 

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +52,9 @@ const RETIRE_LIMIT: Duration = Duration::from_secs(1);
 struct Conn {
     sender: Sender,
     task: Driver,
+    /// The thread whose runtime drives it: requests on that thread take it first, so its
+    /// wakeups stay on one thread (see `server::workers`).
+    home: ThreadId,
     /// Hands the task the slot (and the handle) to wind the connection down with.
     retire: oneshot::Sender<(Slot, Sender)>,
 }
@@ -77,6 +81,7 @@ impl Conn {
             sender,
             mut task,
             retire,
+            ..
         } = self;
         if retire.send((slot, sender)).is_ok() {
             task.0 = None;
@@ -226,10 +231,17 @@ impl Pool {
 }
 
 impl Inner {
-    /// Pops idle connections, most recently used first, until one is ready.
+    /// Takes idle connections, most recently used first and this thread's own before others',
+    /// until one is ready.
     async fn take_idle(&self) -> Option<Conn> {
+        let here = std::thread::current().id();
         loop {
-            let Idle { mut conn, since } = lock(&self.idle).pop()?;
+            let Idle { mut conn, since } = {
+                let mut idle = lock(&self.idle);
+                let last = idle.len().checked_sub(1)?;
+                let at = idle.iter().rposition(|i| i.conn.home == here);
+                idle.remove(at.unwrap_or(last))
+            };
             if since.elapsed() >= self.idle_timeout || conn.sender.is_closed() {
                 continue;
             }
@@ -255,6 +267,7 @@ impl Inner {
             Ok::<_, UpstreamError>(Conn {
                 sender,
                 task: Driver(Some(task.abort_handle())),
+                home: std::thread::current().id(),
                 retire,
             })
         };

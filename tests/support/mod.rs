@@ -16,7 +16,6 @@ use hyper_util::rt::TokioExecutor;
 use tmdb_proxy::server::Server;
 use tmdb_proxy::sim::{OwnThread, Sim, SimBuilder};
 use tmdb_proxy::{Config, Proxy};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -75,7 +74,7 @@ pub async fn spawn_proxy(toml: &str, upstream: &str) -> Running {
 }
 
 pub async fn spawn_with(cfg: Config) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tmdb_proxy::server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let proxy = Proxy::new(&cfg).expect("proxy builds");
     let server = Server::new(&cfg.server).expect("server builds");
