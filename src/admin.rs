@@ -1,5 +1,6 @@
-//! The admin listener, on its own address: `GET /healthz` (the process is alive), `GET /readyz`
-//! (configured and listening; 503 while draining), `GET /metrics` (Prometheus text format),
+//! The admin listener, on its own address: `GET /` (the status page), `GET /status.json` (what
+//! it shows), `GET /healthz` (the process is alive), `GET /readyz` (configured and listening;
+//! 503 while draining), `GET /metrics` (Prometheus text format, or OpenMetrics when asked),
 //! `POST /cache/purge[?prefix=...]` (empties the response cache, or part of it).
 //!
 //! Kept apart from the client listener so probes and scrapes never queue behind client traffic and
@@ -10,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -23,6 +24,7 @@ use crate::config::ServerConfig;
 use crate::metrics;
 use crate::proxy::Proxy;
 use crate::server::{accept, idle};
+use crate::status;
 
 /// Most admin connections open at once: probes and scrapes need a handful. More wait in the
 /// kernel's accept queue, so a flood of idle admin connections cannot use up the process's file
@@ -81,22 +83,33 @@ pub fn answer<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
+        "/" => with_type(
+            Bytes::from_static(status::PAGE.as_bytes()),
+            "text/html; charset=utf-8",
+        ),
+        "/status.json" => match serde_json::to_vec(&proxy.status()) {
+            Ok(json) => with_type(Bytes::from(json), "application/json"),
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "status unavailable\n"),
+        },
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match proxy.readiness() {
             (true, body) => text(StatusCode::OK, body),
             (false, body) => text(StatusCode::SERVICE_UNAVAILABLE, body),
         },
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(proxy.render_metrics())));
+            let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let format = metrics::Format::negotiate(accept);
+            let mut response =
+                Response::new(Full::new(Bytes::from(proxy.render_metrics_as(format))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static(metrics::CONTENT_TYPE),
+                HeaderValue::from_static(format.content_type()),
             );
             response
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /readyz or /metrics\n",
+            "not found; try /, /status.json, /healthz, /readyz or /metrics\n",
         ),
     }
 }
@@ -127,6 +140,15 @@ fn purge<B>(proxy: &Proxy, req: &Request<B>) -> Response<Full<Bytes>> {
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A 200 with `body` as `content_type`, never cached (the figures change every second).
+fn with_type(body: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sim;
+pub mod status;
 pub mod telemetry;
 pub mod tmdb;
 pub mod upstream;

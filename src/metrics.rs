@@ -16,9 +16,109 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::limiter::shared::Figures;
+use crate::upstream::Connections;
 
-/// `Content-Type` of the `/metrics` answer.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of the `/metrics` answer in OpenMetrics, for scrapers that ask for it.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `Content-Type` of the `/metrics` answer in Prometheus's classic text format, the default.
+pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus's classic text format (`text/plain; version=0.0.4`).
+    Text,
+    /// OpenMetrics 1.0 (`application/openmetrics-text`).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format a scraper's `Accept` header asks for: OpenMetrics only when it names it (as
+    /// Prometheus does, preferring it), the classic text format otherwise (curl, promtool, older
+    /// scrapers).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let asks = |range: &str| {
+            let mut params = range.split(';').map(str::trim);
+            let wanted = params
+                .next()
+                .is_some_and(|media| media.eq_ignore_ascii_case("application/openmetrics-text"));
+            // `q=0` means "not this one".
+            let refused = params.any(|param| {
+                param
+                    .strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            wanted && !refused
+        };
+        match accept {
+            Some(accept) if accept.split(',').any(asks) => Self::OpenMetrics,
+            _ => Self::Text,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Text => TEXT,
+            Self::OpenMetrics => OPENMETRICS,
+        }
+    }
+}
+
+/// OpenMetrics text as the classic format: a counter family is named with its `_total` suffix
+/// (OpenMetrics names the family without it, so a classic parser would see `x_total` samples
+/// with no HELP or TYPE), and the `# UNIT` and `# EOF` lines, which the classic format lacks,
+/// are dropped.
+fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // Held until its TYPE line says whether the name takes `_total`.
+            if let Some(held) = help.replace(rest) {
+                push_line(&mut out, &["# HELP ", held]);
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let counter = rest
+                .strip_suffix(" counter")
+                .filter(|name| !name.ends_with("_total"));
+            if let Some(held) = help.take() {
+                match (counter, held.split_once(' ')) {
+                    (Some(_), Some((name, text))) => {
+                        push_line(&mut out, &["# HELP ", name, "_total ", text]);
+                    }
+                    _ => push_line(&mut out, &["# HELP ", held]),
+                }
+            }
+            match counter {
+                Some(name) => push_line(&mut out, &["# TYPE ", name, "_total counter"]),
+                None => push_line(&mut out, &[line]),
+            }
+            continue;
+        }
+        if let Some(held) = help.take() {
+            push_line(&mut out, &["# HELP ", held]);
+        }
+        push_line(&mut out, &[line]);
+    }
+    if let Some(held) = help {
+        push_line(&mut out, &["# HELP ", held]);
+    }
+    out
+}
+
+fn push_line(out: &mut String, parts: &[&str]) {
+    for part in parts {
+        out.push_str(part);
+    }
+    out.push('\n');
+}
 
 /// What happened to a request, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +195,10 @@ pub struct Metrics {
     client_connections: Gauge,
     broken_bodies: Counter,
     broken_seen: AtomicI64,
+    pauses: Counter,
+    upstream_connections: Family<StateLabels, Gauge>,
+    upstream_max_connections: Gauge,
+    key_limits: Family<AliasLabels, Gauge>,
     cluster: Option<ClusterMetrics>,
     cache: CacheMetrics,
 }
@@ -110,6 +214,31 @@ pub struct CacheFigures {
     pub evictions: u64,
     pub entries: u64,
     pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AliasLabels {
+    alias: String,
+}
+
+/// What a scrape reads from the proxy rather than counts as requests finish.
+#[derive(Debug, Clone, Default)]
+pub struct Readings {
+    pub queue_waiting: usize,
+    pub active_buckets: usize,
+    pub broken_bodies: u64,
+    /// Keys paused after an upstream 429, since start.
+    pub pauses: u64,
+    pub connections: Connections,
+    /// Each alias of `[keys.aliases]` and its key's requests per second.
+    pub key_limits: Vec<(String, u32)>,
+    pub cluster: Option<Figures>,
+    pub cache: Option<CacheFigures>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -237,6 +366,30 @@ impl Metrics {
             "Upstream response bodies that broke after their headers arrived",
             broken_bodies.clone(),
         );
+        let pauses = Counter::default();
+        registry.register(
+            "upstream_pauses",
+            "Keys paused after an upstream 429 (a 429 for a key already paused is not another)",
+            pauses.clone(),
+        );
+        let upstream_connections = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections by state: busy (held by a request, opening or closing) or idle",
+            upstream_connections.clone(),
+        );
+        let upstream_max_connections = Gauge::default();
+        registry.register(
+            "upstream_max_connections",
+            "Most upstream connections open at once (upstream.max_connections)",
+            upstream_max_connections.clone(),
+        );
+        let key_limits = Family::<AliasLabels, Gauge>::default();
+        registry.register(
+            "key_limit_requests_per_second",
+            "Requests per second allowed upstream for each key given an alias in [keys.aliases]",
+            key_limits.clone(),
+        );
         let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
         let cache = CacheMetrics::default();
         registry.register(
@@ -274,6 +427,10 @@ impl Metrics {
             client_connections,
             broken_bodies,
             broken_seen: AtomicI64::new(0),
+            pauses,
+            upstream_connections,
+            upstream_max_connections,
+            key_limits,
         }
     }
 
@@ -335,36 +492,45 @@ impl Metrics {
         self.client_connections.dec();
     }
 
-    /// Renders the registry, after setting the gauges that are read rather than counted.
-    pub fn render(
-        &self,
-        queue_waiting: usize,
-        active_buckets: usize,
-        broken_bodies: u64,
-        cluster: Option<Figures>,
-        cache: Option<CacheFigures>,
-    ) -> String {
-        if let Some(figures) = cache {
-            self.cache.set(&figures);
+    /// Renders the registry in `format`, after setting what is read rather than counted.
+    pub fn render(&self, format: Format, readings: Readings) -> String {
+        if let Some(figures) = &readings.cache {
+            self.cache.set(figures);
         }
-        if let (Some(metrics), Some(figures)) = (&self.cluster, cluster) {
-            metrics.set(&figures);
+        if let (Some(metrics), Some(figures)) = (&self.cluster, &readings.cluster) {
+            metrics.set(figures);
         }
-        self.queue_waiting
-            .set(i64::try_from(queue_waiting).unwrap_or(i64::MAX));
-        self.active_buckets
-            .set(i64::try_from(active_buckets).unwrap_or(i64::MAX));
-        let broken = i64::try_from(broken_bodies).unwrap_or(i64::MAX);
+        self.queue_waiting.set(gauge(readings.queue_waiting));
+        self.active_buckets.set(gauge(readings.active_buckets));
+        let broken = i64::try_from(readings.broken_bodies).unwrap_or(i64::MAX);
         let before = self.broken_seen.swap(broken, Ordering::Relaxed);
         if broken > before {
             self.broken_bodies
                 .inc_by(u64::try_from(broken - before).unwrap_or(0));
         }
+        catch_up(&self.pauses, readings.pauses);
+        let connections = readings.connections;
+        for (state, n) in [("busy", connections.busy), ("idle", connections.idle)] {
+            self.upstream_connections
+                .get_or_create(&StateLabels { state })
+                .set(gauge(n));
+        }
+        self.upstream_max_connections.set(gauge(connections.max));
+        // Aliases a reload removed go away.
+        self.key_limits.clear();
+        for (alias, limit) in readings.key_limits {
+            self.key_limits
+                .get_or_create(&AliasLabels { alias })
+                .set(i64::from(limit));
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => classic(&out),
+        }
     }
 }
 
@@ -384,6 +550,10 @@ impl CacheMetrics {
             .set(i64::try_from(f.entries).unwrap_or(i64::MAX));
         self.bytes.set(i64::try_from(f.bytes).unwrap_or(i64::MAX));
     }
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Moves a counter up to `value` (the source's counters only grow).
@@ -483,7 +653,13 @@ mod tests {
         m.record_request(Outcome::Forwarded, None, Some("web"));
         m.record_request(Outcome::UpstreamError, Some(43), None);
         m.record_upstream_latency(Duration::from_millis(12));
-        let text = m.render(3, 7, 1, None, None);
+        let readings = Readings {
+            queue_waiting: 3,
+            active_buckets: 7,
+            broken_bodies: 1,
+            ..Readings::default()
+        };
+        let text = m.render(Format::OpenMetrics, readings);
         assert!(
             text.contains(r#"tmdb_proxy_requests_total{outcome="forwarded",code=""} 1"#),
             "{text}"

@@ -58,11 +58,9 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get(&client, &format!("{admin}/nope")).await.status, 404);
 
     let before = get(&client, &format!("{admin}/metrics")).await;
-    assert!(
-        before
-            .header("content-type")
-            .unwrap()
-            .starts_with("application/openmetrics-text")
+    assert_eq!(
+        before.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
     );
     let forwarded = r#"tmdb_proxy_requests_total{outcome="forwarded",code=""}"#;
     assert_eq!(metric(before.text(), forwarded), 0.0);

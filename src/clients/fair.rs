@@ -115,6 +115,16 @@ impl Lane {
         }
     }
 
+    /// Requests of the app at `index` waiting for their turn now.
+    pub fn queued(&self, index: usize) -> usize {
+        self.lock().apps.get(index).map_or(0, |app| app.queue.len())
+    }
+
+    /// The app at `index`'s own ceiling per second, if it has one.
+    pub fn cap(&self, index: usize) -> Option<u32> {
+        self.members.get(index).and_then(|member| member.cap)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

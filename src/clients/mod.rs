@@ -120,6 +120,11 @@ impl Apps {
         }
     }
 
+    /// Every configured app, in the order of `[[clients.apps]]`.
+    pub fn all(&self) -> &[Arc<App>] {
+        &self.apps
+    }
+
     /// The app whose token the request presents, with both token headers removed. Without a
     /// token: `None`, or 401 code 3 when `require_token` is on. An unknown or malformed token is
     /// always 401 code 3. With no apps configured, tokens are removed and otherwise ignored.

@@ -27,7 +27,7 @@
 //! process fits in without change here.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -55,6 +55,8 @@ pub struct Admission {
     queued: AtomicUsize,
     /// Keys the upstream lately answered with success: first in line for a connection.
     known: KnownKeys,
+    /// Keys paused after an upstream 429, since start.
+    pauses: AtomicU64,
 }
 
 impl Admission {
@@ -65,6 +67,7 @@ impl Admission {
             answer_by: watch::Sender::new(None),
             queued: AtomicUsize::new(0),
             known: KnownKeys::default(),
+            pauses: AtomicU64::new(0),
         }
     }
 
@@ -76,6 +79,12 @@ impl Admission {
     /// Requests asleep in a queue now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Keys paused after an upstream 429 since start (a 429 for a key already paused is not
+    /// another pause).
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::Relaxed)
     }
 
     /// Shutdown: from now on no request waits past `queue_until`, and queued requests whose turn
@@ -299,6 +308,7 @@ impl Admission {
     /// body cannot pass through.
     pub fn upstream_refused(&self, key: Key, wait: Duration, ctx: &mut RequestCtx) -> Refusal {
         if self.budget.pause(key, Instant::now(), wait) {
+            self.pauses.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 key = %key.fingerprint(),
                 pause = ?wait,

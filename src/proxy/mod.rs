@@ -35,7 +35,8 @@ use crate::cache;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::limiter::{Budget, Grant, Key, LocalBudget, Mode, Policy, Reason, SharedBudget};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{self, Metrics, Outcome};
+use crate::status::{self, CacheView, ClusterView, History, SeriesView, Status, UpstreamView};
 use crate::tmdb::Query;
 use crate::tmdb::status::code;
 use crate::upstream::{BoxError, BuildError, Dialer, Lease, Sent, UpstreamBody, UpstreamError};
@@ -68,6 +69,8 @@ struct Shared {
     id_counter: AtomicU64,
     /// Reaches the upstream in memory instead of over the network (tests on paused time).
     dialer: Option<Dialer>,
+    /// The last minute, per second, for the status page.
+    history: History,
 }
 
 impl std::fmt::Debug for Shared {
@@ -137,6 +140,7 @@ impl Proxy {
                 id_seed: RandomState::new(),
                 id_counter: AtomicU64::new(0),
                 dialer,
+                history: History::new(Instant::now()),
             }),
         })
     }
@@ -183,25 +187,97 @@ impl Proxy {
         &self.shared.metrics
     }
 
-    /// The metrics in Prometheus text format, gauges refreshed.
+    /// The metrics in Prometheus's classic text format, gauges refreshed.
     pub fn render_metrics(&self) -> String {
+        self.render_metrics_as(metrics::Format::Text)
+    }
+
+    /// The metrics in `format`, gauges refreshed.
+    pub fn render_metrics_as(&self, format: metrics::Format) -> String {
         let shared = &*self.shared;
-        shared.metrics.render(
-            shared.admission.queued(),
-            shared.admission.budget().tracked_keys(),
-            shared.broken_bodies.load(Ordering::Relaxed),
-            shared
-                .admission
-                .budget()
-                .shared()
-                .map(SharedBudget::figures),
-            shared
-                .settings
-                .load()
-                .cache
-                .as_ref()
-                .map(|cache| cache.figures()),
-        )
+        let settings = shared.settings.load();
+        let budget = shared.admission.budget();
+        let now = Instant::now();
+        let readings = metrics::Readings {
+            queue_waiting: shared.admission.queued(),
+            active_buckets: budget.tracked_keys(),
+            broken_bodies: shared.broken_bodies.load(Ordering::Relaxed),
+            pauses: shared.admission.pauses(),
+            connections: settings.upstream.connections(),
+            key_limits: (settings.aliases.iter())
+                .map(|(key, alias)| (alias.to_string(), budget.peek(*key, now).limit))
+                .collect(),
+            cluster: budget.shared().map(SharedBudget::figures),
+            cache: settings.cache.as_ref().map(|cache| cache.figures()),
+        };
+        shared.metrics.render(format, readings)
+    }
+
+    /// What the status page shows: the last minute per second for the whole proxy, each key
+    /// alias and each app, and the gauges beside them.
+    pub fn status(&self) -> Status {
+        let shared = &*self.shared;
+        let settings = shared.settings.load();
+        let budget = shared.admission.budget();
+        let history = &shared.history;
+        let now = Instant::now();
+        let mut aliases: Vec<_> = settings.aliases.iter().collect();
+        aliases.sort_by(|a, b| a.1.cmp(b.1));
+        let keys = (aliases.into_iter())
+            .map(|(key, alias)| SeriesView {
+                limit: Some(budget.peek(*key, now).limit),
+                ..history.key(alias, now)
+            })
+            .collect();
+        let apps = (settings.apps.all().iter())
+            .map(|app| SeriesView {
+                limit: app.lane.cap(app.index),
+                queued: Some(app.lane.queued(app.index)),
+                ..history.app(&app.name, now)
+            })
+            .collect();
+        let connections = settings.upstream.connections();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: history.uptime(now).as_secs(),
+            ready: self.readiness().0,
+            all: SeriesView {
+                queued: Some(shared.admission.queued()),
+                ..history.all(now)
+            },
+            keys,
+            apps,
+            queue_waiting: shared.admission.queued(),
+            upstream: UpstreamView {
+                busy: connections.busy,
+                idle: connections.idle,
+                max: connections.max,
+                pauses: shared.admission.pauses(),
+            },
+            cache: settings.cache.as_ref().map(|cache| {
+                let figures = cache.figures();
+                let looked = figures.hits + figures.misses;
+                CacheView {
+                    hits: figures.hits,
+                    misses: figures.misses,
+                    hit_ratio: (looked > 0).then(|| figures.hits as f64 / looked as f64),
+                    entries: figures.entries,
+                    bytes: figures.bytes,
+                    max_bytes: cache.config().max_size,
+                }
+            }),
+            cluster: budget.shared().map(|shared| {
+                let figures = shared.figures();
+                ClusterView {
+                    mode: match shared.mode() {
+                        Mode::Shared => "shared",
+                        Mode::Local => "local",
+                    },
+                    redis_calls_ok: figures.calls_ok,
+                    redis_calls_failed: figures.calls_failed + figures.calls_timed_out,
+                }
+            }),
+        }
     }
 
     /// `/readyz`: whether the proxy takes new work, and what to say. With a shared budget the
@@ -505,7 +581,17 @@ impl Proxy {
             self.shared.admission.succeeded(key);
         }
         let metrics = &self.shared.metrics;
-        metrics.record_request(outcome, tmdb_code, settings.alias(ctx.key));
+        let alias = settings.alias(ctx.key);
+        metrics.record_request(outcome, tmdb_code, alias);
+        let finished = status::Finished {
+            sent: ctx.upstream_answered,
+            limited: outcome == Outcome::Limited,
+            upstream_429: ctx.upstream_429.is_some(),
+        };
+        let app_name = ctx.app.as_ref().map(|app| &app.name);
+        self.shared
+            .history
+            .record(Instant::now(), alias, app_name, finished);
         let app = ctx.app.as_ref().map(|app| &*app.name);
         if let Some(app) = app {
             metrics.record_app(app, outcome, ctx.waited);

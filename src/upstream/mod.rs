@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use connect::Connector;
 pub use connect::{Dialer, MemoryIo};
-pub use pool::{Lease, LeasedBody, Sent};
+pub use pool::{Connections, Lease, LeasedBody, Sent};
 use pool::{Pool, chain};
 pub use slots::{Busy, Standing, Tenant, WAITING_PER_CONNECTION};
 
@@ -122,6 +122,11 @@ impl Upstream {
             base: cfg.base_url.clone(),
             request_timeout: cfg.request_timeout,
         }
+    }
+
+    /// How its connections are used now.
+    pub fn connections(&self) -> Connections {
+        self.pool.connections()
     }
 
     /// The upstream's scheme and authority.

@@ -157,6 +157,14 @@ pub(super) struct Inner {
     broken_bodies: Arc<AtomicU64>,
 }
 
+/// How the pool's connections are used, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    pub busy: usize,
+    pub idle: usize,
+    pub max: usize,
+}
+
 /// The pool. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct Pool {
@@ -178,6 +186,17 @@ fn lock(idle: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
 }
 
 impl Pool {
+    /// Connections held by requests (or being opened or wound down), idle ones, and the cap.
+    pub(super) fn connections(&self) -> Connections {
+        let (free, _) = self.inner.slots.load();
+        let max = self.inner.slots.max();
+        Connections {
+            busy: max.saturating_sub(free),
+            idle: lock(&self.inner.idle).len(),
+            max,
+        }
+    }
+
     pub(super) fn new(
         connector: Connector,
         target: Uri,

@@ -128,6 +128,7 @@ impl State {
 pub(super) struct Slots {
     state: Mutex<State>,
     max_waiting: usize,
+    max: usize,
 }
 
 impl Slots {
@@ -138,6 +139,7 @@ impl Slots {
                 ..State::default()
             }),
             max_waiting: max_connections.saturating_mul(WAITING_PER_CONNECTION),
+            max: max_connections,
         })
     }
 
@@ -145,6 +147,11 @@ impl Slots {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How many slots there are (`max_connections`).
+    pub(super) fn max(&self) -> usize {
+        self.max
     }
 
     /// Slots free now, and requests waiting for one.
