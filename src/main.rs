@@ -169,7 +169,7 @@ fn check_open_files(cfg: &Config) {
     let connections = u64::from(cfg.server.max_connections.get())
         + u64::from(cfg.upstream.max_connections.get())
         + admin::MAX_ADMIN_CONNECTIONS as u64;
-    let needed = server::fds::needed(connections);
+    let needed = server::fds::needed(connections, u64::from(cfg.server.workers.get()));
     match server::fds::raise_limit() {
         Some(limit) if limit < needed => tracing::warn!(
             limit,

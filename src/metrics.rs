@@ -34,27 +34,38 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format a scraper's `Accept` header asks for: OpenMetrics only when it names it (as
-    /// Prometheus does, preferring it), the classic text format otherwise (curl, promtool, older
-    /// scrapers).
+    /// The format a scraper's `Accept` header prefers: OpenMetrics when it ranks
+    /// `application/openmetrics-text` at least as high as the classic format (as Prometheus does
+    /// by default), the classic text format otherwise, and without an `Accept` (curl, promtool,
+    /// older scrapers). `*/*` counts for the classic format; `q=0` refuses.
     pub fn negotiate(accept: Option<&str>) -> Self {
-        let asks = |range: &str| {
-            let mut params = range.split(';').map(str::trim);
-            let wanted = params
-                .next()
-                .is_some_and(|media| media.eq_ignore_ascii_case("application/openmetrics-text"));
-            // `q=0` means "not this one".
-            let refused = params.any(|param| {
-                param
-                    .strip_prefix("q=")
-                    .and_then(|q| q.parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            wanted && !refused
+        let Some(accept) = accept else {
+            return Self::Text;
         };
-        match accept {
-            Some(accept) if accept.split(',').any(asks) => Self::OpenMetrics,
-            _ => Self::Text,
+        let (mut open, mut text) = (0.0f32, 0.0f32);
+        for range in accept.split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("");
+            let q = params
+                .filter_map(|param| {
+                    let (name, value) = param.split_once('=')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("q")
+                        .then_some(value.trim())
+                })
+                .find_map(|value| value.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let is = |name: &str| media.eq_ignore_ascii_case(name);
+            if is("application/openmetrics-text") {
+                open = open.max(q);
+            } else if is("text/plain") || is("text/*") || is("*/*") {
+                text = text.max(q);
+            }
+        }
+        if open > 0.0 && open >= text {
+            Self::OpenMetrics
+        } else {
+            Self::Text
         }
     }
 
@@ -96,9 +107,11 @@ fn classic(openmetrics: &str) -> String {
                     _ => push_line(&mut out, &["# HELP ", held]),
                 }
             }
-            match counter {
-                Some(name) => push_line(&mut out, &["# TYPE ", name, "_total counter"]),
-                None => push_line(&mut out, &[line]),
+            match (counter, rest.strip_suffix(" unknown")) {
+                (Some(name), _) => push_line(&mut out, &["# TYPE ", name, "_total counter"]),
+                // OpenMetrics' `unknown` is the classic format's `untyped`.
+                (None, Some(name)) => push_line(&mut out, &["# TYPE ", name, " untyped"]),
+                (None, None) => push_line(&mut out, &[line]),
             }
             continue;
         }
@@ -646,6 +659,55 @@ impl ClusterMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_with_total_and_drops_openmetrics_lines() {
+        let open = "# HELP p_requests Requests.\n# TYPE p_requests counter\n\
+                    p_requests_total{a=\"b\"} 3\n\
+                    # TYPE p_bare counter\np_bare_total 1\n\
+                    # HELP p_wait_seconds Wait.\n# TYPE p_wait_seconds histogram\n# UNIT p_wait_seconds seconds\n\
+                    p_wait_seconds_sum 0.5\np_wait_seconds_count 1\np_wait_seconds_bucket{le=\"+Inf\"} 1\n\
+                    # HELP p_queue Queue.\n# TYPE p_queue gauge\np_queue 2\n\
+                    # TYPE p_odd unknown\np_odd 1\n# EOF\n";
+        assert_eq!(
+            classic(open),
+            "# HELP p_requests_total Requests.\n# TYPE p_requests_total counter\n\
+             p_requests_total{a=\"b\"} 3\n\
+             # TYPE p_bare_total counter\np_bare_total 1\n\
+             # HELP p_wait_seconds Wait.\n# TYPE p_wait_seconds histogram\n\
+             p_wait_seconds_sum 0.5\np_wait_seconds_count 1\np_wait_seconds_bucket{le=\"+Inf\"} 1\n\
+             # HELP p_queue Queue.\n# TYPE p_queue gauge\np_queue 2\n\
+             # TYPE p_odd untyped\np_odd 1\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_only_to_scrapers_that_rank_it_first() {
+        use Format::{OpenMetrics, Text};
+        for (accept, format) in [
+            (None, Text),
+            (Some("*/*"), Text),
+            (Some("text/plain;version=0.0.4"), Text),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                OpenMetrics,
+            ),
+            (
+                Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5"),
+                Text,
+            ),
+            (Some("Application/OpenMetrics-Text; Q = 0"), Text),
+            (
+                Some("application/openmetrics-text; q=0.0, text/plain; q=0.1"),
+                Text,
+            ),
+            (Some("application/openmetrics-text"), OpenMetrics),
+        ] {
+            assert_eq!(Format::negotiate(accept), format, "{accept:?}");
+        }
+    }
 
     #[test]
     fn renders_counters_and_gauges() {

@@ -20,9 +20,12 @@ pub const WINDOW: usize = 60;
 /// The page: static, no external assets; it polls `status.json` beside it.
 pub const PAGE: &str = include_str!("status.html");
 
-/// One second's count per slot, for the last [`WINDOW`] seconds.
+/// Slots of a series: the [`WINDOW`] seconds shown, and the one still counting.
+const SLOTS: usize = WINDOW + 1;
+
+/// One second's count per slot, for the last [`WINDOW`] seconds and the current one.
 #[derive(Debug)]
-struct Seconds([AtomicU64; WINDOW]);
+struct Seconds([AtomicU64; SLOTS]);
 
 impl Default for Seconds {
     fn default() -> Self {
@@ -40,7 +43,7 @@ fn unpack(word: u64) -> (u32, u32) {
 
 impl Seconds {
     fn add(&self, second: u32) {
-        let slot = &self.0[second as usize % WINDOW];
+        let slot = &self.0[second as usize % SLOTS];
         // Lock-free: retried only while another thread changed the same slot meanwhile.
         let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
             let (stamp, count) = unpack(word);
@@ -60,7 +63,7 @@ impl Seconds {
             .map(|ago| match now.checked_sub(ago) {
                 Some(second) => {
                     let (stamp, count) =
-                        unpack(self.0[second as usize % WINDOW].load(Ordering::Relaxed));
+                        unpack(self.0[second as usize % SLOTS].load(Ordering::Relaxed));
                     if stamp == second { count } else { 0 }
                 }
                 None => 0,
@@ -310,14 +313,23 @@ mod tests {
         assert_eq!(history.app("scraper", Instant::now()).limited_total, 1);
         assert_eq!(history.key("other", Instant::now()).requests, 0);
 
-        // Second 60 reuses the slot of second 0: its old count does not show.
-        tokio::time::advance(58 * second).await;
+        // At second 61, second 1 is the oldest shown, though second 61 already counts in the
+        // slot next to it; second 0's slot is reused by second 61, so its old count does not
+        // show.
+        tokio::time::advance(59 * second).await;
         history.record(Instant::now(), None, None, sent);
+        let all = history.all(Instant::now());
+        assert_eq!(all.sent.iter().sum::<u32>(), 0, "{:?}", all.sent);
+        assert_eq!(all.limited[0], 1, "second 1 is still within the minute");
         tokio::time::advance(second).await;
         let all = history.all(Instant::now());
         assert_eq!(all.sent.iter().sum::<u32>(), 1, "{:?}", all.sent);
         assert_eq!(all.sent[WINDOW - 1], 1);
-        assert_eq!(all.limited[0], 1, "second 1 is still within the minute");
+        assert_eq!(
+            all.limited.iter().sum::<u32>(),
+            0,
+            "second 1 left the minute"
+        );
         assert_eq!(all.requests, 5);
     }
 }

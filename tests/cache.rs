@@ -196,6 +196,42 @@ async fn a_key_over_its_limit_gets_a_stale_copy_instead_of_429() {
     assert_eq!(hits_of(&harness, "/3/movie/5"), 1);
 }
 
+/// A fill runs in a task of its own: what it met upstream still reaches the leader's metric and
+/// status-page figures, as it does for a request the cache takes no part in.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_429_met_by_a_fill_is_counted_for_the_request_that_led_it() {
+    let sim = sim_with(Sim::builder().respond(
+        "/3/movie/9",
+        429,
+        &[("content-type", "application/json"), ("retry-after", "2")],
+        r#"{"success":false,"status_code":25,"status_message":"Your request count (51) is over the allowed limit of (50)."}"#,
+    ))
+    .await;
+    let harness = InProcess::new(ON, sim);
+    let reply = harness.get("/3/movie/9?api_key=A").await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(hits_of(&harness, "/3/movie/9"), 1);
+    let metrics = harness.proxy.render_metrics();
+    for line in [
+        "tmdb_proxy_upstream_429_total 1",
+        "tmdb_proxy_upstream_pauses_total 1",
+        r#"tmdb_proxy_requests_total{outcome="upstream_error",code="25"} 1"#,
+        "tmdb_proxy_upstream_latency_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+    let status = harness.proxy.status();
+    assert_eq!(
+        (
+            status.all.requests,
+            status.all.sent_total,
+            status.all.upstream_429
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(status.upstream.pauses, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn freshness_has_a_floor_a_class_ceiling_and_an_end() {
     let sim = sim_with(

@@ -466,6 +466,11 @@ async fn oversized_request_bodies_get_413_code_47_declared_or_chunked() {
     let req = http::Request::post(&url).body(Chunks { left: 4 }).unwrap();
     let response = chunked.request(req).await.unwrap();
     assert_eq!(response.status(), 413);
+    // The rest of the body is never read: the client must not reuse the connection.
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let body = http_body_util::BodyExt::collect(response.into_body())
         .await
         .unwrap()

@@ -78,10 +78,9 @@ pub struct Filled {
     pub body: Bytes,
     /// Whether it was stored.
     pub stored: bool,
-    /// Whether the upstream answered (a failure before that is an error the proxy wrote).
-    pub upstream_answered: bool,
-    /// The key's rate-limit standing after the fill, for the leader's answer's headers.
-    pub rate: Option<crate::limiter::RateState>,
+    /// What the fill met upstream (whether it answered, its 429, its latency) and the key's
+    /// standing after it, for the leader's answer.
+    pub exchanged: crate::proxy::ctx::Exchanged,
     /// The same for every key, so waiters of other keys may have it (TMDB's data and its
     /// failures; not a 401, 403 or 429 about the leader's key, nor a 304 or 206).
     pub shareable: bool,
@@ -95,8 +94,10 @@ impl Filled {
             headers,
             body,
             stored: false,
-            upstream_answered: true,
-            rate: None,
+            exchanged: crate::proxy::ctx::Exchanged {
+                answered: true,
+                ..Default::default()
+            },
             shareable: false,
         }
     }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::Proxy;
 use super::body::{ProxyBody, TeeEnd};
+use super::ctx::Exchanged;
 use super::ctx::{Identity, RequestCtx};
 use super::settings::Settings;
 use crate::cache::{Bypass, Cache, Entry, Filled, FlightResult, Join, Leader};
@@ -151,9 +152,8 @@ impl Proxy {
         ctx.cache = Some(("MISS", Cow::Borrowed("tmdb-proxy; fwd=miss")));
         match (own, result) {
             // The leader's own failure: a stale copy answers for it, else the error itself.
-            (Some(Own::Failed(error, (answered, rate))), _) => {
-                ctx.upstream_answered = answered;
-                ctx.rate = rate.or(ctx.rate);
+            (Some(Own::Failed(error, exchanged)), _) => {
+                ctx.take_exchanged(exchanged);
                 let status = error.to_response().status().as_u16();
                 match stale_answer(&cache, stale.as_deref(), &plan, status, ctx) {
                     Some(answer) => Ok(answer),
@@ -161,9 +161,8 @@ impl Proxy {
                 }
             }
             (Some(Own::TooLarge(response)), _) => Ok(response),
-            (Some(Own::Streamed(parts, body, answered)), _) => {
-                ctx.upstream_answered = answered.0;
-                ctx.rate = answered.1.or(ctx.rate);
+            (Some(Own::Streamed(parts, body, exchanged)), _) => {
+                ctx.take_exchanged(exchanged);
                 Ok(streamed(parts, body, &plan))
             }
             (None, Some(filled)) if collapsed && !filled.shareable => {
@@ -174,8 +173,7 @@ impl Proxy {
             }
             (_, Some(filled)) => {
                 if !collapsed {
-                    ctx.upstream_answered = filled.upstream_answered;
-                    ctx.rate = filled.rate.or(ctx.rate);
+                    ctx.take_exchanged(filled.exchanged);
                 }
                 if filled.is_failure()
                     && let Some(answer) =
@@ -248,7 +246,7 @@ impl Proxy {
             let result = proxy
                 .send_through(&settings, identity, req, &mut fill_ctx)
                 .await;
-            let answered = (fill_ctx.upstream_answered, fill_ctx.rate);
+            let answered = fill_ctx.exchanged();
             let response = match result {
                 Ok(response) => response,
                 Err(error) => return publish_failure(leader, own, error, answered),
@@ -278,8 +276,7 @@ impl Proxy {
                 }
             };
             let mut filled = filled;
-            filled.upstream_answered = answered.0;
-            filled.rate = answered.1;
+            filled.exchanged = answered;
             filled.shareable = shareable(filled.status);
             filled.stored = filled.shareable && store(&cache, &plan, &filled).await;
             leader.publish(filled);
@@ -293,7 +290,7 @@ fn publish_failure(
     leader: Leader,
     own: oneshot::Sender<Own>,
     error: ProxyError,
-    answered: (bool, Option<crate::limiter::RateState>),
+    answered: Exchanged,
 ) {
     let filled = failure(&error, answered);
     let _ = own.send(Own::Failed(error, answered));
@@ -302,15 +299,14 @@ fn publish_failure(
 
 /// A failed fill as waiters get it: the error's TMDB body, shareable unless it is a refusal of
 /// the leader's key, which is not theirs.
-fn failure(error: &ProxyError, answered: (bool, Option<crate::limiter::RateState>)) -> Filled {
+fn failure(error: &ProxyError, answered: Exchanged) -> Filled {
     let (parts, body) = error.to_response().into_parts();
     Filled {
         status: parts.status,
         headers: parts.headers,
         body,
         stored: false,
-        upstream_answered: answered.0,
-        rate: answered.1,
+        exchanged: answered,
         shareable: !matches!(error, ProxyError::RateLimited(_)),
     }
 }
@@ -319,13 +315,9 @@ fn failure(error: &ProxyError, answered: (bool, Option<crate::limiter::RateState
 /// an answer too large to share, or the head of an answer whose body it gets as it arrives.
 #[derive(Debug)]
 pub(super) enum Own {
-    Failed(ProxyError, (bool, Option<crate::limiter::RateState>)),
+    Failed(ProxyError, Exchanged),
     TooLarge(Response<ProxyBody>),
-    Streamed(
-        http::response::Parts,
-        ProxyBody,
-        (bool, Option<crate::limiter::RateState>),
-    ),
+    Streamed(http::response::Parts, ProxyBody, Exchanged),
 }
 
 /// Whether an answer is the same for every key, so waiters of other keys may have it: TMDB's

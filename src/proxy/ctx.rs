@@ -54,6 +54,8 @@ pub struct RequestCtx {
     pub path: String,
     /// A CORS preflight, answered by the proxy without a key.
     pub preflight: bool,
+    /// Asked over HTTP/1.x (where `Connection: close` may be said).
+    pub http1: bool,
     /// The budget the request spends, once identified.
     pub key: Option<Key>,
     /// The key's standing as the client is told it, once a token was taken or refused.
@@ -74,7 +76,36 @@ pub struct RequestCtx {
     pub app: Option<Arc<App>>,
 }
 
+/// What an upstream exchange taught a request's context. A cache fill runs in a task and a
+/// context of its own; this carries its outcome back to the request that led it, so that
+/// request's metric, status-page entry and headers say what its fill met upstream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Exchanged {
+    pub answered: bool,
+    pub rate: Option<RateState>,
+    pub upstream_429: Option<Duration>,
+    pub latency: Option<Duration>,
+}
+
 impl RequestCtx {
+    /// What this context's upstream exchange learned.
+    pub fn exchanged(&self) -> Exchanged {
+        Exchanged {
+            answered: self.upstream_answered,
+            rate: self.rate,
+            upstream_429: self.upstream_429,
+            latency: self.upstream_latency,
+        }
+    }
+
+    /// Takes on what the exchange of a fill this request led learned.
+    pub fn take_exchanged(&mut self, exchanged: Exchanged) {
+        self.upstream_answered = exchanged.answered;
+        self.rate = exchanged.rate.or(self.rate);
+        self.upstream_429 = exchanged.upstream_429;
+        self.upstream_latency = exchanged.latency;
+    }
+
     /// The context of a request that has just arrived.
     pub fn new(id: HeaderValue, method: &Method, path: &str) -> Self {
         Self {
@@ -83,6 +114,7 @@ impl RequestCtx {
             method: method.clone(),
             path: path.to_owned(),
             preflight: false,
+            http1: false,
             key: None,
             rate: None,
             waited: Duration::ZERO,

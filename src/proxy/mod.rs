@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::header::CONNECTION;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
@@ -342,6 +343,7 @@ impl Proxy {
         let id = self.request_id(req.headers());
         let span = tracing::info_span!("request", id = %id.to_str().unwrap_or_default());
         let mut ctx = RequestCtx::new(id, req.method(), req.uri().path());
+        ctx.http1 = req.version() < http::Version::HTTP_2;
         async move {
             let settings = self.shared.settings.load_full();
             let result = self.process(&settings, req, client, &mut ctx).await;
@@ -534,6 +536,13 @@ impl Proxy {
         let (outcome, tmdb_code) = classify(&ctx, &result);
         let limited =
             ctx.upstream_429.is_some() || matches!(result, Err(ProxyError::RateLimited(_)));
+        // The request's body was refused or broke before its end: the rest is never read, so
+        // the connection cannot carry another request. Saying so keeps a client's pool from
+        // sending its next request on a connection about to close.
+        let unread_body = matches!(
+            result,
+            Err(ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BodyBroken(_))
+        );
         let mut response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -567,6 +576,9 @@ impl Proxy {
         }
         headers::insert_cors(out, &ctx.cors);
         out.insert(X_REQUEST_ID, ctx.id.clone());
+        if unread_body && ctx.http1 {
+            out.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some((x_cache, cache_status)) = ctx.cache.take() {
             cache::status_headers(out, x_cache, cache_status);
         }
@@ -584,7 +596,8 @@ impl Proxy {
         let alias = settings.alias(ctx.key);
         metrics.record_request(outcome, tmdb_code, alias);
         let finished = status::Finished {
-            sent: ctx.upstream_answered,
+            // Timed from the moment it was sent: set for every request that left.
+            sent: ctx.upstream_latency.is_some(),
             limited: outcome == Outcome::Limited,
             upstream_429: ctx.upstream_429.is_some(),
         };

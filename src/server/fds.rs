@@ -23,7 +23,14 @@ pub fn raise_limit() -> Option<u64> {
     limit.current
 }
 
-/// Descriptors `connections` connections (client, upstream and admin together) may need at once.
-pub fn needed(connections: u64) -> u64 {
-    connections.saturating_add(RESERVED)
+/// Descriptors each serving thread holds besides its connections: its listening socket, its
+/// runtime's epoll and wakeup descriptors, and an accepted connection waiting for a slot.
+const PER_WORKER: u64 = 6;
+
+/// Descriptors `connections` connections (client, upstream and admin together) may need at
+/// once, served by `workers` threads.
+pub fn needed(connections: u64, workers: u64) -> u64 {
+    connections
+        .saturating_add(RESERVED)
+        .saturating_add(workers.saturating_mul(PER_WORKER))
 }

@@ -4,7 +4,7 @@
 //!
 //! - [`accept`]: the accept loop (back-off, connection cap), shared with the admin listener.
 //! - [`tls`]: the listener's TLS acceptor from `[server.tls]`.
-//! - `workers`: the serving threads beside the one that runs the listener.
+//! - `workers`: the serving threads, one single-threaded runtime per core.
 //! - `idle`: closing connections with nothing delivered and no request in progress.
 //! - [`shutdown`]: the signals; [`reload`]: SIGHUP and file changes; [`fds`]: the open-files limit.
 
@@ -120,9 +120,11 @@ impl Server {
     /// Serves `proxy` on `listener` until `shutdown` completes, then stops accepting, lets
     /// in-flight requests finish for up to `shutdown_timeout`, and returns.
     ///
-    /// `server.workers` threads accept from the listener: this one and the rest started here
-    /// (see [`workers`]). Each serves the connections it accepted on a single-threaded runtime of
-    /// its own, so a request never moves between threads. The connection cap is shared.
+    /// Clients are served by `server.workers` threads started here (see [`workers`]), each on a
+    /// single-threaded runtime of its own, so a request never moves between threads; the
+    /// connection cap is shared. The calling thread keeps the admin listener and the background
+    /// tasks, which so never queue behind client traffic. If no serving thread can start, it
+    /// serves the clients itself.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -134,8 +136,8 @@ impl Server {
         let slots = Arc::new(Semaphore::new(limit));
         let server = Arc::new(self);
         let (stop, stopped) = watch::channel(false);
-        let pool = workers::Pool::start(&server, &listener, &proxy, &slots, &stopped);
-        let own = async {
+        let pool = workers::Pool::start(&server, &listener, &proxy, &slots, &stopped).await;
+        let stopping = async {
             shutdown.await;
             // Queued requests must be on their way by half the grace period, so each still has
             // the other half to complete; later turns are answered 429 at once. One still
@@ -146,9 +148,16 @@ impl Server {
             let _ = stop.send(true);
             tracing::info!(?grace, "stopped accepting; draining connections");
         };
-        let drained = server
-            .serve_listener(listener, proxy.clone(), slots, own)
-            .await;
+        let drained = if !pool.holds_listener() {
+            server
+                .serve_listener(listener, proxy.clone(), slots, stopping)
+                .await
+        } else {
+            // The serving threads hold the socket now.
+            drop(listener);
+            stopping.await;
+            true
+        };
         if pool.finish(drained).await {
             tracing::info!("all connections drained");
         } else {
